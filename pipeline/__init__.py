@@ -1,0 +1,1 @@
+"""taskfold pipeline: training and folding (torch only)."""

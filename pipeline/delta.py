@@ -1,0 +1,188 @@
+"""TaskDelta: the one vocabulary that methods emit and fold/exporters read.
+
+A TaskDelta maps module paths (``features.blocks.0.0.conv_dw``) to a delta kind. Each
+kind knows three things and nothing else:
+
+* ``apply(module)``: merge itself into a plain module of the base architecture and
+  return the module to put at that path;
+* ``params()`` / ``bits()``: its storage cost (float bits by storage dtype);
+* ``tensors()`` / ``from_tensors()``: its safetensors form.
+
+New kinds (low-rank, channel-select, skip) register with ``@delta_kind`` and need no
+change in fold, bundle or the exporters.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+KINDS: dict[str, type["Delta"]] = {}
+
+
+def delta_kind(cls: type["Delta"]) -> type["Delta"]:
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def tensor_bits(t: torch.Tensor) -> int:
+    if t.dtype == torch.bool:
+        return t.numel()
+    return t.numel() * t.element_size() * 8
+
+
+class Delta:
+    kind: ClassVar[str]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Delta":
+        raise NotImplementedError
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def covers(self) -> list[str]:
+        """Names of the module's base tensors this delta makes unnecessary (ledger use)."""
+        return []
+
+    def params(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def bits(self) -> int:
+        return sum(tensor_bits(t) for t in self.tensors().values())
+
+
+@dataclass
+class _Overlay(Delta):
+    """Task values for some of a module's own tensors (parameters or buffers), same shapes."""
+
+    values: dict[str, torch.Tensor]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.values)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "_Overlay":
+        return cls(dict(tensors))
+
+    def covers(self) -> list[str]:
+        return list(self.values)
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        for name, value in self.values.items():
+            if name not in own:
+                raise KeyError(f"{type(module).__name__} has no tensor {name!r} to replace")
+            if own[name].shape != value.shape:
+                raise ValueError(
+                    f"{type(module).__name__}.{name}: task tensor shape {tuple(value.shape)} "
+                    f"!= base shape {tuple(own[name].shape)}"
+                )
+            with torch.no_grad():
+                own[name].copy_(value)
+        return module
+
+
+@delta_kind
+class Replace(_Overlay):
+    """A dense task weight (TAPS gate on, full fine-tune): the layer's tensors, replaced."""
+
+    kind = "replace"
+
+
+@delta_kind
+class Norm(_Overlay):
+    """Task normalisation: affine parameters and running statistics."""
+
+    kind = "norm"
+
+
+@delta_kind
+@dataclass
+class Head(Delta):
+    """The task's classifier. Its shape follows the task, so it replaces the module."""
+
+    kind = "head"
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Head":
+        return cls(tensors["weight"], tensors["bias"])
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        head = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(self.weight)
+            head.bias.copy_(self.bias)
+        return head
+
+
+@dataclass
+class TaskDelta:
+    """Everything task-specific about one task, in the shared vocabulary.
+
+    ``gate_bits`` counts binary per-layer decisions that are stored as the *presence* of
+    an entry (TAPS: one gate per candidate layer); they cost bits but no tensor.
+    """
+
+    task: str
+    method: str
+    entries: dict[str, Delta] = field(default_factory=dict)
+    gate_bits: int = 0
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for d in self.entries.values():
+            row = out.setdefault(d.kind, {"entries": 0, "params": 0, "bits": 0})
+            row["entries"] += 1
+            row["params"] += d.params()
+            row["bits"] += d.bits()
+        if self.gate_bits:
+            out["gate"] = {"entries": self.gate_bits, "params": 0, "bits": self.gate_bits}
+        return out
+
+    def params(self) -> int:
+        return sum(d.params() for d in self.entries.values())
+
+    def bits(self) -> int:
+        return sum(d.bits() for d in self.entries.values()) + self.gate_bits
+
+    def flat_tensors(self) -> dict[str, torch.Tensor]:
+        """``{path}::{kind}::{name}`` -> contiguous tensor, the safetensors payload."""
+        return {
+            f"{path}::{d.kind}::{name}": t.detach().contiguous().cpu()
+            for path, d in self.entries.items()
+            for name, t in d.tensors().items()
+        }
+
+    def metadata(self) -> dict[str, str]:
+        return {"task": self.task, "method": self.method, "gate_bits": str(self.gate_bits),
+                "paths": json.dumps(list(self.entries))}
+
+    @classmethod
+    def from_flat(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "TaskDelta":
+        grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            try:
+                path, kind, name = key.split("::")
+            except ValueError:
+                raise ValueError(f"tensor key {key!r} is not of the form path::kind::name") from None
+            grouped.setdefault((path, kind), {})[name] = t
+        entries: dict[str, Delta] = {}
+        for (path, kind), ts in grouped.items():
+            if kind not in KINDS:
+                raise ValueError(f"tensor {path!r}: unknown delta kind {kind!r}; known: {sorted(KINDS)}")
+            entries[path] = KINDS[kind].from_tensors(ts)
+        order = json.loads(metadata.get("paths", "[]"))
+        entries = {p: entries[p] for p in order if p in entries} | entries
+        return cls(metadata["task"], metadata["method"], entries, int(metadata.get("gate_bits", 0)))
