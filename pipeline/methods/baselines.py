@@ -1,0 +1,41 @@
+"""The baselines every paper compares against: fine-tune, linear probe, norms + head."""
+from __future__ import annotations
+
+from pipeline.backbones import TaskNet
+from pipeline.delta import TaskDelta
+from pipeline.methods import register
+from pipeline.methods.base import Method, all_tensor_entries, head_entry, norm_entries
+
+
+@register
+class FineTune(Method):
+    """The paragon: every weight is task-specific."""
+
+    name = "finetune"
+
+    def prepare(self, model: TaskNet) -> None:
+        model.requires_grad_(True)
+
+    def task_delta(self, model: TaskNet, task: str) -> TaskDelta:
+        return TaskDelta(task, self.name, all_tensor_entries(model) | norm_entries(model) | head_entry(model))
+
+
+@register
+class LinearProbe(Method):
+    """The feature-extractor baseline: a frozen backbone (base statistics too), a new head."""
+
+    name = "linear_probe"
+    task_norms = False
+
+    def task_delta(self, model: TaskNet, task: str) -> TaskDelta:
+        return TaskDelta(task, self.name, head_entry(model))
+
+
+@register
+class NormHead(Method):
+    """The papers' "FC and BN only": task norms and head, shared weights frozen."""
+
+    name = "norm_head"
+
+    def task_delta(self, model: TaskNet, task: str) -> TaskDelta:
+        return TaskDelta(task, self.name, norm_entries(model) | head_entry(model))
