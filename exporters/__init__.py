@@ -1,0 +1,1 @@
+"""Deployment: reads bundles, writes and measures artefacts. Knows nothing of training."""

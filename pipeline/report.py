@@ -1,0 +1,168 @@
+"""results.json (schema ``taskfold-results/1``, see README) and report.md with plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean
+from typing import TYPE_CHECKING
+
+from pipeline.io import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:
+    from pipeline.run import Runner
+
+SCHEMA = "taskfold-results/1"
+
+
+def collect(r: "Runner") -> dict:
+    """Gather every stage's records into one results document."""
+    c = r.cfg
+    prepare = r._record("prepare") or {}
+    fold = r._record("fold") or {}
+    export = r._record("export") or {}
+    bench = r._record("bench") or {}
+    latency = bench.get("latency", {})
+    methods = {}
+    for m in c.methods:
+        ledger = fold.get("ledgers", {}).get(m.label, {})
+        tasks = {}
+        for t in c.tasks:
+            res = read_json(r.out / "train" / m.label / t.name / "result.json")
+            key = f"{m.label}/{t.name}"
+            store = ledger.get("tasks", {}).get(t.name, {})
+            tasks[t.name] = {
+                "val_acc": res["val_acc"], "test_acc": res["test_acc"],
+                "train_seconds": res["train_seconds"], "step_ms": res["step_ms"],
+                "fold_check": res["fold_check"],
+                "onnx": export.get("parity", {}).get(key),
+                "latency": {b: v[key] for b, v in latency.items() if key in v},
+                "storage": {k: store.get(k) for k in ("params", "bits", "bytes_on_disk", "fraction_of_base")},
+                "describe": res["describe"],
+            }
+        ratios = [v["ratio_to_base"] for t in tasks.values() for v in t["latency"].values()]
+        methods[m.label] = {
+            "method": m.name,
+            "params": m.params.model_dump(mode="json"),
+            "tasks": tasks,
+            "mean_test_acc": mean(t["test_acc"] for t in tasks.values()),
+            "n_x_base": ledger.get("total", {}).get("n_x_base"),
+            "bundle_bytes": ledger.get("total", {}).get("bytes_on_disk"),
+            "mean_latency_ratio": mean(ratios) if ratios else None,
+        }
+    return {
+        "schema": SCHEMA,
+        "config": c.to_jsonable(),
+        "tasks": prepare.get("tasks", {}),
+        "base": {"ledger": next(iter(fold.get("ledgers", {}).values()), {}).get("base"),
+                 "latency": {b: v["base"] for b, v in latency.items() if "base" in v}},
+        "methods": methods,
+        "stage_seconds": r.timings,
+    }
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def markdown(res: dict, plots: dict[str, str]) -> str:
+    tasks = list(res["tasks"])
+    lines = ["# taskfold report", ""]
+    cfg = res["config"]
+    lines += [f"Backbone `{cfg['backbone']['name']}` (weights: {cfg['backbone']['weights']}), "
+              f"{cfg['backbone']['image_size']} px; {len(tasks)} tasks; threads {cfg['run']['threads']}.", ""]
+    lines += ["## Tasks", "", "| task | source | domain | classes | train | val | test |", "|---|---|---|---|---|---|---|"]
+    for name, t in res["tasks"].items():
+        lines.append(f"| {name} | {t['source']} | {t['domain']} | {t['num_classes']} | {t['train']} | {t['val']} | {t['test']} |")
+    lines += ["", "## Summary", "",
+              "| method | mean test acc | N x base | bundle bytes | merged/base latency (mean) |", "|---|---|---|---|---|"]
+    for label, m in res["methods"].items():
+        lines.append(f"| {label} | {m['mean_test_acc']:.4f} | {_fmt(m['n_x_base'], '.3f')} | "
+                     f"{_fmt(m['bundle_bytes'], ',')} | {_fmt(m['mean_latency_ratio'], '.3f')} |")
+    base = res["base"]
+    if base.get("ledger"):
+        lines += ["", f"Base: {base['ledger']['params']:,} params, {base['ledger']['bytes_on_disk']:,} bytes on disk."]
+    for b, v in base.get("latency", {}).items():
+        lines.append(f"Base latency ({b}): median {v['median_ms']:.2f} ms, p90 {v['p90_ms']:.2f} ms.")
+    for label, m in res["methods"].items():
+        lines += ["", f"## {label}", "",
+                  "| task | test acc | val acc | task params | x base | bits | bytes on disk | fold max diff | "
+                  "ONNX max diff | ONNX argmax agree | latency b1 ms | ratio b1 | step ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, t in m["tasks"].items():
+            s, o = t["storage"], t["onnx"] or {}
+            lat = next(iter(t["latency"].values()), {})
+            lines.append(
+                f"| {name} | {t['test_acc']:.4f} | {t['val_acc']:.4f} | {_fmt(s['params'], ',')} | "
+                f"{_fmt(s['fraction_of_base'], '.4f')} | {_fmt(s['bits'], ',')} | {_fmt(s['bytes_on_disk'], ',')} | "
+                f"{t['fold_check']['max_abs_diff']:.1e} | {_fmt(o.get('max_abs_diff'), '.1e')} | "
+                f"{_fmt(o.get('argmax_agree'), '.4f')} | {_fmt(lat.get('median_ms'), '.2f')} | "
+                f"{_fmt(lat.get('ratio_to_base'), '.3f')} | {t['step_ms']:.1f} |")
+        layers = [t["describe"] for t in m["tasks"].values() if "gated_on" in t["describe"]]
+        if layers:
+            on = [sum(d["gated_on"]) for d in layers]
+            lines += ["", f"Task-specific layers per task: " + ", ".join(f"{n}: {k}/{len(d['gated_on'])}"
+                                                                      for n, k, d in zip(m["tasks"], on, layers))]
+    for title, rel in plots.items():
+        lines += ["", f"## {title}", "", f"![{title}]({rel})"]
+    lines += ["", f"Stage wall times (s): {res['stage_seconds']}", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_params(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, m in res["methods"].items():
+        if m["n_x_base"] is None:
+            continue
+        ax.scatter([m["n_x_base"]], [m["mean_test_acc"]], s=60, label=label, zorder=3)
+        ax.annotate(label, (m["n_x_base"], m["mean_test_acc"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("stored parameters, N x base (all tasks)")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title("Accuracy against parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_map(label: str, m: dict, path: Path) -> None:
+    """TAPS paper Figure 3: which layers each task made task-specific."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(m["tasks"])
+    grid = np.array([[1.0 if g else 0.0 for g in m["tasks"][t]["describe"]["gated_on"]] for t in tasks])
+    layers = m["tasks"][tasks[0]]["describe"]["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.12), 1 + 0.45 * len(tasks)))
+    ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_xlabel(f"adapted layer (input -> output), {len(layers)} in all; green = task-specific")
+    ax.set_title(f"{label}: task-specific layers per task")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(r: "Runner") -> dict:
+    res = collect(r)
+    plots = {}
+    plot_accuracy_vs_params(res, r.out / "plots" / "accuracy_vs_params.png")
+    plots["Accuracy against parameters"] = "plots/accuracy_vs_params.png"
+    for label, m in res["methods"].items():
+        if all("gated_on" in t["describe"] for t in m["tasks"].values()):
+            rel = f"plots/layer_map_{label}.png"
+            plot_layer_map(label, m, r.out / rel)
+            plots[f"{label}: task-specific layers"] = rel
+    write_json(r.out / "results.json", res)
+    with atomic_path(r.out / "report.md") as tmp:
+        tmp.write_text(markdown(res, plots))
+    return {"results": "results.json", "report": "report.md", "plots": list(plots.values())}

@@ -1,0 +1,275 @@
+"""The stage runner: prepare -> train -> fold -> export -> bench -> report, into one run dir.
+
+Each stage records the hash of its inputs in ``stages/<stage>.json``; a stage whose record
+matches (and whose outputs exist) is skipped. Training is resumable per (method, task)
+from its last epoch checkpoint. Every output is written under a temp name and renamed.
+
+Run dir layout::
+
+    config.resolved.json
+    prepared/<task>.safetensors           uint8 images + labels per split
+    train/<label>/<task>/{checkpoint.pt, delta.safetensors, result.json}
+    bundles/<label>/                      see pipeline.bundle
+    exports/base.onnx, exports/<label>/<task>.onnx
+    stages/<stage>.json                   input hash + what the stage measured
+    results.json, report.md, plots/*.png
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from pipeline.backbones import Backbone, TaskNet, build_backbone
+from pipeline.bundle import backbone_id, load_bundle, read_delta, write_bundle, write_delta
+from pipeline.config import RunConfig
+from pipeline.data import TaskData, load_task, normalise
+from pipeline.fold import compare, merge
+from pipeline.io import atomic_path, read_json, write_json
+from pipeline.methods import build_method
+from pipeline.train import Schedule, evaluate, train_task
+
+STAGES = ("prepare", "train", "fold", "export", "bench", "report")
+
+# merged vs adapted logits: float re-association only, so this is generous and still catches real bugs
+FOLD_TOLERANCE = 1e-3
+
+
+class FoldError(RuntimeError):
+    """The merged model does not reproduce the adapted one."""
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, out: Path, progress: bool = True, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.progress = progress
+        self.log = log
+        self._backbone: Backbone | None = None
+        self._data: dict[str, TaskData] = {}
+        self.hashes: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            b = self.cfg.backbone
+            self._backbone = build_backbone(b.name, b.weights, b.kwargs)
+        return self._backbone
+
+    def base_net(self) -> TaskNet:
+        return TaskNet(self.backbone.features, nn.Identity()).eval()
+
+    def data(self, task: str) -> TaskData:
+        if task not in self._data:
+            path = self.out / "prepared" / f"{task}.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                k = int(f.metadata()["num_classes"])
+            self._data[task] = TaskData.from_tensors(task, k, load_file(str(path)))
+        return self._data[task]
+
+    def _record(self, stage: str) -> dict | None:
+        p = self.out / "stages" / f"{stage}.json"
+        return read_json(p) if p.is_file() else None
+
+    def _fresh(self, stage: str, h: str) -> dict | None:
+        rec = self._record(stage)
+        if rec and rec.get("hash") == h and all((self.out / o).exists() for o in rec.get("outputs", [])):
+            return rec
+        return None
+
+    def _save_record(self, stage: str, h: str, outputs: list[str], **data) -> dict:
+        rec = {"hash": h, "outputs": outputs, **data}
+        write_json(self.out / "stages" / f"{stage}.json", rec)
+        return rec
+
+    def _images(self, task: str, split: str = "test") -> torch.Tensor:
+        s = getattr(self.data(task), split)
+        return normalise(s.images, self.backbone.mean, self.backbone.std)
+
+    # ------------------------------------------------------------ stages
+
+    def run(self, until: str = "report", force: tuple[str, ...] = ()) -> dict:
+        if until not in STAGES:
+            raise ValueError(f"--until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
+        torch.set_num_threads(self.cfg.run.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "config.resolved.json", self.cfg.to_jsonable())
+        for name in force:
+            (self.out / "stages" / f"{name}.json").unlink(missing_ok=True)
+        results = {}
+        for stage in STAGES:
+            t0 = time.perf_counter()
+            results[stage] = getattr(self, f"stage_{stage}")()
+            self.timings[stage] = round(time.perf_counter() - t0, 2)
+            if stage == until:
+                break
+        return results
+
+    def stage_prepare(self) -> dict:
+        c = self.cfg
+        h = c.section_hash("prepare", c.backbone.model_dump(), [t.model_dump() for t in c.tasks], c.run.seed)
+        self.hashes["prepare"] = h
+        if rec := self._fresh("prepare", h):
+            self.log("prepare: up to date, skipped")
+            return rec
+        self.log(f"prepare: {len(c.tasks)} tasks at {c.backbone.image_size}px, backbone {c.backbone.name}")
+        loaded = {t.name: load_task(t, c.backbone.image_size, c.run.seed) for t in c.tasks}  # all or nothing
+        outputs, tasks = [], {}
+        for t in c.tasks:
+            data = loaded[t.name]
+            rel = f"prepared/{t.name}.safetensors"
+            with atomic_path(self.out / rel) as tmp:
+                save_file(data.tensors(), str(tmp), metadata={"num_classes": str(data.num_classes)})
+            self._data[t.name] = data
+            outputs.append(rel)
+            tasks[t.name] = {"num_classes": data.num_classes, "train": len(data.train), "val": len(data.val),
+                             "test": len(data.test), "domain": t.domain, "source": t.source.type}
+            self.log(f"  {t.name}: {tasks[t.name]}")
+        return self._save_record("prepare", h, outputs, tasks=tasks)
+
+    def _unit_hash(self, label: str, task: str) -> str:
+        entry = next(m for m in self.cfg.to_jsonable()["methods"] if m["label"] == label)
+        return self.cfg.section_hash("train", self.hashes["prepare"], entry, task, self.cfg.train.model_dump(),
+                                     self.cfg.run.seed)
+
+    def stage_train(self) -> dict:
+        c = self.cfg
+        units = {}
+        for m in c.methods:
+            for t in c.tasks:
+                unit = self.out / "train" / m.label / t.name
+                h = self._unit_hash(m.label, t.name)
+                res = unit / "result.json"
+                if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
+                    self.log(f"train {m.label}/{t.name}: up to date, skipped")
+                else:
+                    self._train_unit(m, t.name, unit, h)
+                units[f"{m.label}/{t.name}"] = h
+        self.hashes["train"] = c.section_hash(units)
+        return {"units": units}
+
+    def _train_unit(self, m, task: str, unit: Path, h: str) -> None:
+        c = self.cfg
+        method = build_method(m.name, m.params)
+        schedule = Schedule(m.epochs or c.train.epochs, c.train.batch_size, m.lr or c.train.lr,
+                            c.train.momentum, c.train.weight_decay, c.train.head_lr_scale,
+                            c.train.recalibrate_norms)
+        data = self.data(task)
+        self.log(f"train {m.label}/{task}: {schedule.epochs} epochs, lr {schedule.lr}, {len(data.train)} images")
+        outcome = train_task(self.backbone, data, method, schedule, c.run.seed, unit, h, self.progress)
+        if outcome.resumed_from_epoch:
+            self.log(f"  resumed from epoch {outcome.resumed_from_epoch}")
+        delta = method.task_delta(outcome.model, task)
+        check = compare(outcome.model, merge(self.base_net(), delta), self._images(task)[:256])
+        if check["max_abs_diff"] > FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
+            raise FoldError(f"{m.label}/{task}: merged model differs from the adapted one: {check}")
+        with atomic_path(unit / "delta.safetensors") as tmp:
+            write_delta(tmp, delta)
+        steps = math.ceil(len(data.train) / schedule.batch_size) * (schedule.epochs - outcome.resumed_from_epoch)
+        result = {
+            "hash": h, "method": m.name, "label": m.label, "task": task,
+            "val_acc": evaluate(outcome.model, data.val, self.backbone.mean, self.backbone.std),
+            "test_acc": evaluate(outcome.model, data.test, self.backbone.mean, self.backbone.std),
+            "history": outcome.history, "train_seconds": round(outcome.seconds, 2),
+            "step_ms": round(1e3 * outcome.seconds / max(1, steps), 2),
+            "fold_check": check, "describe": method.describe(outcome.model),
+        }
+        write_json(unit / "result.json", result)
+        (unit / "checkpoint.pt").unlink(missing_ok=True)
+        self.log(f"  {m.label}/{task}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
+
+    def stage_fold(self) -> dict:
+        c = self.cfg
+        h = c.section_hash("fold", self.hashes["train"])
+        self.hashes["fold"] = h
+        if rec := self._fresh("fold", h):
+            self.log("fold: up to date, skipped")
+            return rec
+        prepared = self._record("prepare")["tasks"]
+        bundles = {}
+        for m in c.methods:
+            deltas = [read_delta(self.out / "train" / m.label / t.name / "delta.safetensors") for t in c.tasks]
+            manifest = write_bundle(
+                self.out / "bundles" / m.label, self.backbone,
+                backbone_id(self.backbone, c.backbone.weights, c.backbone.image_size), deltas,
+                {"name": m.name, "label": m.label, "params": m.params.model_dump(mode="json")},
+                {t.name: prepared[t.name]["num_classes"] for t in c.tasks},
+            )
+            bundles[m.label] = manifest["ledger"]
+            self.log(f"fold {m.label}: {manifest['ledger']['total']['n_x_base']:.3f} x base, "
+                     f"{manifest['ledger']['total']['bytes_on_disk']:,} bytes")
+        return self._save_record("fold", h, [f"bundles/{m.label}/manifest.json" for m in c.methods], ledgers=bundles)
+
+    def stage_export(self) -> dict:
+        c = self.cfg
+        h = c.section_hash("export", self.hashes["fold"], c.export.model_dump())
+        self.hashes["export"] = h
+        if not c.export.onnx:
+            self.log("export: disabled in config")
+            return self._save_record("export", h, [], parity={})
+        if rec := self._fresh("export", h):
+            self.log("export: up to date, skipped")
+            return rec
+        from exporters.onnx import OnnxExporter, parity, session
+
+        exporter = OnnxExporter(c.backbone.image_size, c.export.opset)
+        first = c.tasks[0].name
+        base = TaskNet(self.backbone.features, nn.Linear(self.backbone.num_features, self.data(first).num_classes))
+        outputs = ["exports/base.onnx"]
+        exporter.export(base, self.out / outputs[0])
+        results = {}
+        for m in c.methods:
+            bundle = load_bundle(self.out / "bundles" / m.label, expect_backbone=c.backbone.name)
+            for task in bundle.tasks:
+                rel = f"exports/{m.label}/{task}.onnx"
+                merged = bundle.merged(task)
+                exporter.export(merged, self.out / rel)
+                check = parity(merged, session(self.out / rel, c.run.threads), self._images(task))
+                results[f"{m.label}/{task}"] = check
+                outputs.append(rel)
+                self.log(f"export {rel}: max |onnx - torch| {check['max_abs_diff']:.2e}, "
+                         f"argmax agreement {check['argmax_agree']:.4f} on {check['images']} test images")
+        self.log(f"export: {len(outputs)} ONNX files from {exporter.traces} trace(s)")
+        return self._save_record("export", h, outputs, parity=results, traces=exporter.traces)
+
+    def stage_bench(self) -> dict:
+        c = self.cfg
+        h = c.section_hash("bench", self.hashes["export"], c.bench.model_dump(), c.run.threads)
+        self.hashes["bench"] = h
+        if not c.export.onnx:
+            return self._save_record("bench", h, [], latency={})
+        if rec := self._fresh("bench", h):
+            self.log("bench: up to date, skipped")
+            return rec
+        from exporters.latency import measure
+        from exporters.onnx import session
+
+        files = {"base": self.out / "exports" / "base.onnx"}
+        for m in c.methods:
+            for t in c.tasks:
+                files[f"{m.label}/{t.name}"] = self.out / "exports" / m.label / f"{t.name}.onnx"
+        sessions = {k: session(p, c.run.threads) for k, p in files.items()}
+        latency = {}
+        for bs in c.bench.batch_sizes:
+            self.log(f"bench: onnxruntime CPU, batch {bs}, {len(sessions)} models, {c.bench.runs} runs each")
+            res = measure(sessions, c.backbone.image_size, bs, c.bench.warmup, c.bench.runs)
+            base = res["base"]["median_ms"]
+            for k, r in res.items():
+                r["ratio_to_base"] = r["median_ms"] / base
+            latency[f"batch{bs}"] = res
+        return self._save_record("bench", h, [], latency=latency, threads=c.run.threads)
+
+    def stage_report(self) -> dict:
+        from pipeline.report import write_report
+
+        results = write_report(self)
+        self.log(f"report: {self.out / 'report.md'}")
+        return results
