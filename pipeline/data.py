@@ -180,11 +180,11 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 def sketch(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Sobel edge magnitude, dark strokes on white: a line drawing of the image."""
     k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    g = _gray(x)
-    gx = F.conv2d(g, k.view(1, 1, 3, 3), padding=1)
-    gy = F.conv2d(g, k.t().reshape(1, 1, 3, 3), padding=1)
+    g = F.pad(_gray(x), (1, 1, 1, 1), mode="replicate")  # zero padding would draw a frame
+    gx = F.conv2d(g, k.view(1, 1, 3, 3))
+    gy = F.conv2d(g, k.t().reshape(1, 1, 3, 3))
     mag = (gx**2 + gy**2).sqrt()
-    mag = mag / mag.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    mag = mag / mag.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-2)  # a blank image stays blank
     return (1.0 - mag).expand(-1, 3, -1, -1).contiguous()
 
 
