@@ -68,13 +68,16 @@ class OnnxExporter:
         return Path(path)
 
 
-def session(path: Path, threads: int = 0, providers: list[str] | None = None):
+def session(path: Path, threads: int = 0, providers: list[str] | None = None, spinning: bool = False):
+    """An onnxruntime session. Spinning is off by default: with many sessions alive (one per
+    task), idle pools that spin-wait steal the cores from the one that runs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
