@@ -117,8 +117,7 @@ def plot_accuracy_vs_params(res: dict, path: Path) -> None:
     for label, m in res["methods"].items():
         if m["n_x_base"] is None:
             continue
-        ax.scatter([m["n_x_base"]], [m["mean_test_acc"]], s=60, label=label, zorder=3)
-        ax.annotate(label, (m["n_x_base"], m["mean_test_acc"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter([m["n_x_base"]], [m["mean_test_acc"]], s=60, label=label, zorder=3, alpha=0.85)
     ax.set_xlabel("stored parameters, N x base (all tasks)")
     ax.set_ylabel("mean test accuracy")
     ax.set_title("Accuracy against parameters")
