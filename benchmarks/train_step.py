@@ -1,0 +1,85 @@
+"""Training-step cost of each method against a plain fine-tune step, as ratios in one run.
+
+Same model (EfficientNet-Lite0, packaged weights), same batch, same optimiser; the steps of
+all methods are interleaved in rounds so machine drift hits them alike.
+
+    .venv/bin/python benchmarks/train_step.py [--image-size 64] [--batch 64] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.backbones import build_backbone
+from pipeline.methods import build_method
+
+
+def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor):
+    method = build_method(method_name)
+    model = bb.task_net(10)
+    method.prepare(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        method.train_mode(model)
+        loss = F.cross_entropy(model(x), y)
+        reg = method.regulariser(model, epoch=0)
+        if reg is not None:
+            loss = loss + reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="packaged")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", default="finetune,taps,norm_head,linear_probe")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bb = build_backbone(args.backbone, args.weights)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    y = torch.randint(0, 10, (args.batch,))
+    names = args.methods.split(",")
+    steps = {n: make_step(bb, n, x, y) for n in names}
+    for s in steps.values():  # warm-up
+        s(), s()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = 5
+    for _ in range(rounds):
+        for n, s in steps.items():
+            for _ in range(max(1, args.steps // rounds)):
+                t0 = time.perf_counter()
+                s()
+                times[n].append(time.perf_counter() - t0)
+    ref = float(np.median(times["finetune"])) if "finetune" in times else None
+    out = {"backbone": args.backbone, "image_size": args.image_size, "batch": args.batch, "threads": args.threads,
+           "methods": {}}
+    print(f"{args.backbone} {args.image_size}px, batch {args.batch}, {args.threads} threads")
+    print(f"{'method':14s} {'median ms/step':>15s} {'p90':>8s} {'x finetune':>11s}")
+    for n, t in times.items():
+        med, p90 = float(np.median(t)) * 1e3, float(np.percentile(t, 90)) * 1e3
+        ratio = med / (ref * 1e3) if ref else None
+        out["methods"][n] = {"median_ms": med, "p90_ms": p90, "ratio_to_finetune": ratio}
+        print(f"{n:14s} {med:15.1f} {p90:8.1f} {ratio if ratio else float('nan'):11.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

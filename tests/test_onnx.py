@@ -1,0 +1,58 @@
+"""ONNX export of merged models: onnxruntime matches torch, trace reuse is exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exporters.latency import measure
+from exporters.onnx import OnnxExporter, parity, session
+from pipeline.data import normalise
+
+
+def _trained_like(bb, seed):
+    model = bb.task_net(10, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+                m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bb_name", ["tiny_convnet", "tiny_vit"])
+def test_onnx_matches_torch_and_reuses_one_trace(tmp_path, backbones, digits16, bb_name):
+    bb, size = backbones[bb_name]
+    exporter = OnnxExporter(size)
+    x = normalise(digits16.test.images, bb.mean, bb.std)
+    for seed in (1, 2):  # the second model goes through apply_weights on the first trace
+        model = _trained_like(bb, seed)
+        path = exporter.export(model, tmp_path / f"m{seed}.onnx")
+        check = parity(model, session(path, threads=1), x, batch_size=7)  # odd batch: dynamic axis
+        assert check["max_abs_diff"] < 1e-4, check
+        assert check["argmax_agree"] == 1.0
+        assert check["images"] == len(x)
+    assert exporter.traces == 1
+    assert (tmp_path / "m1.onnx").read_bytes() != (tmp_path / "m2.onnx").read_bytes()
+
+
+def test_a_new_head_shape_gets_its_own_trace(tmp_path, backbones, digits16):
+    bb, size = backbones["tiny_convnet"]
+    exporter = OnnxExporter(size)
+    exporter.export(bb.task_net(10).eval(), tmp_path / "a.onnx")
+    five = bb.task_net(5).eval()
+    path = exporter.export(five, tmp_path / "b.onnx")
+    assert exporter.traces == 2
+    out = session(path).run(None, {"images": normalise(digits16.test.images[:3], bb.mean, bb.std).numpy()})[0]
+    assert out.shape == (3, 5)
+
+
+def test_latency_measure_reports_every_session(tmp_path, backbones):
+    bb, size = backbones["tiny_convnet"]
+    exporter = OnnxExporter(size)
+    p = exporter.export(bb.task_net(10).eval(), tmp_path / "a.onnx")
+    res = measure({"a": session(p, 1), "b": session(p, 1)}, size, batch_size=2, warmup=1, runs=10)
+    assert set(res) == {"a", "b"}
+    for r in res.values():
+        assert r["runs"] == 10 and 0 < r["median_ms"] <= r["p90_ms"]
