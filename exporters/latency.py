@@ -1,7 +1,8 @@
 """Latency of onnxruntime sessions: warm-up, then median and p90 over many timed runs.
 
-Sessions are timed in alternating rounds, so drift (thermal, other load) hits all of them
-alike and ratios measured in one call (merged / base) are fair.
+Sessions are timed in rounds, in a new (seeded) order each round and with one untimed run
+after every switch, so drift and cache effects hit all of them alike and ratios measured
+in one call (merged / base) are fair.
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ def measure(sessions: dict[str, object], image_size: int, batch_size: int, warmu
             s.run(None, feeds[k])
     per_round = max(1, runs // rounds)
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    rng = np.random.default_rng(0)
+    names = list(sessions)
     for _ in range(rounds):
-        for k, s in sessions.items():
+        for k in rng.permutation(names):
+            s = sessions[k]
+            s.run(None, feeds[k])  # untimed: the first call after a switch pays for cold caches
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 s.run(None, feeds[k])
