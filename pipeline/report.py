@@ -53,7 +53,8 @@ def collect(r: "Runner") -> dict:
         "config": c.to_jsonable(),
         "tasks": prepare.get("tasks", {}),
         "base": {"ledger": next(iter(fold.get("ledgers", {}).values()), {}).get("base"),
-                 "latency": {b: v["base"] for b, v in latency.items() if "base" in v}},
+                 "latency": {b: v["base"] for b, v in latency.items() if "base" in v},
+                 "latency_repeat": {b: v["base_repeat"] for b, v in latency.items() if "base_repeat" in v}},
         "methods": methods,
         "stage_seconds": r.timings,
     }
@@ -81,7 +82,9 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
     if base.get("ledger"):
         lines += ["", f"Base: {base['ledger']['params']:,} params, {base['ledger']['bytes_on_disk']:,} bytes on disk."]
     for b, v in base.get("latency", {}).items():
-        lines.append(f"Base latency ({b}): median {v['median_ms']:.2f} ms, p90 {v['p90_ms']:.2f} ms.")
+        floor = base.get("latency_repeat", {}).get(b, {}).get("ratio_to_base")
+        lines.append(f"Base latency ({b}): median {v['median_ms']:.2f} ms, p90 {v['p90_ms']:.2f} ms; "
+                     f"a second base session measured {_fmt(floor, '.3f')} x (the bench's noise floor).")
     for label, m in res["methods"].items():
         lines += ["", f"## {label}", "",
                   "| task | test acc | val acc | task params | x base | bits | bytes on disk | fold max diff | "

@@ -252,7 +252,8 @@ class Runner:
         from exporters.latency import measure
         from exporters.onnx import session
 
-        files = {"base": self.out / "exports" / "base.onnx"}
+        # a second, independent session of the base: its ratio is the noise floor of the bench
+        files = {"base": self.out / "exports" / "base.onnx", "base_repeat": self.out / "exports" / "base.onnx"}
         for m in c.methods:
             for t in c.tasks:
                 files[f"{m.label}/{t.name}"] = self.out / "exports" / m.label / f"{t.name}.onnx"
