@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from pipeline import __version__
 from pipeline.backbones import Backbone, BackboneError, TaskNet, build_backbone
 from pipeline.delta import TaskDelta
 from pipeline.fold import merge
@@ -39,7 +40,7 @@ def versions() -> dict[str, str]:
     import safetensors
     import timm
 
-    return {"taskfold": "0.1.0", "torch": torch.__version__, "timm": timm.__version__,
+    return {"taskfold": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 

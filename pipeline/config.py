@@ -144,8 +144,10 @@ class RunConfig(Strict):
         return out
 
     def section_hash(self, *parts: Any) -> str:
-        """A stable hash of JSON-able parts, used to decide whether a stage must rerun."""
-        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        """A stable hash of JSON-able parts (and the taskfold version): does a stage rerun?"""
+        from pipeline import __version__
+
+        blob = json.dumps([__version__, parts], sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def method(self, label: str) -> MethodEntry:
