@@ -200,9 +200,18 @@ def is_known_backbone(name: str) -> bool:
     return timm.is_model(name)
 
 
-def build_backbone(name: str, weights: str = "none", kwargs: dict[str, Any] | None = None) -> Backbone:
-    """Build ``name`` (tiny test model, timm, or ``torchvision:NAME``) with weights from ``weights``."""
-    kwargs = dict(kwargs or {})
+def build_backbone(name: str, weights: str = "none", kwargs: dict[str, Any] | None = None, seed: int = 0) -> Backbone:
+    """Build ``name`` (tiny test model, timm, or ``torchvision:NAME``) with weights from ``weights``.
+
+    Initialisation is seeded (and leaves the global RNG alone), so ``weights: none`` gives
+    the same base in every process: a resumed run must continue on the base it started on.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(name, weights, dict(kwargs or {}))
+
+
+def _build(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:
     if name == "tiny_convnet":
         model = TinyConvNet(**kwargs)
         if weights in ("packaged", "hub"):

@@ -61,7 +61,7 @@ class Runner:
     def backbone(self) -> Backbone:
         if self._backbone is None:
             b = self.cfg.backbone
-            self._backbone = build_backbone(b.name, b.weights, b.kwargs)
+            self._backbone = build_backbone(b.name, b.weights, b.kwargs, seed=self.cfg.run.seed)
         return self._backbone
 
     def base_net(self) -> TaskNet:
