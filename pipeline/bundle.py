@@ -64,8 +64,8 @@ def read_delta(path: Path) -> TaskDelta:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise BundleError(f"{path}: not a readable task delta: {err}") from None
-    if "task" not in meta or "method" not in meta:
-        raise BundleError(f"{path}: safetensors metadata lacks 'task'/'method'; not a taskfold delta")
+    if "taskfold.delta" not in meta:
+        raise BundleError(f"{path}: safetensors metadata lacks 'taskfold.delta'; not a taskfold delta")
     try:
         return TaskDelta.from_flat(tensors, meta)
     except (KeyError, ValueError) as err:

@@ -166,11 +166,14 @@ class TaskDelta:
         }
 
     def metadata(self) -> dict[str, str]:
-        return {"task": self.task, "method": self.method, "gate_bits": str(self.gate_bits),
-                "paths": json.dumps(list(self.entries))}
+        """One JSON value under one key: safetensors writes metadata keys in hash order, so
+        several keys would make identical deltas differ byte for byte between processes."""
+        info = {"task": self.task, "method": self.method, "gate_bits": self.gate_bits, "paths": list(self.entries)}
+        return {"taskfold.delta": json.dumps(info, sort_keys=True)}
 
     @classmethod
     def from_flat(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "TaskDelta":
+        info = json.loads(metadata["taskfold.delta"])
         grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             try:
@@ -183,6 +186,5 @@ class TaskDelta:
             if kind not in KINDS:
                 raise ValueError(f"tensor {path!r}: unknown delta kind {kind!r}; known: {sorted(KINDS)}")
             entries[path] = KINDS[kind].from_tensors(ts)
-        order = json.loads(metadata.get("paths", "[]"))
-        entries = {p: entries[p] for p in order if p in entries} | entries
-        return cls(metadata["task"], metadata["method"], entries, int(metadata.get("gate_bits", 0)))
+        entries = {p: entries[p] for p in info["paths"] if p in entries} | entries
+        return cls(info["task"], info["method"], entries, int(info["gate_bits"]))

@@ -149,3 +149,29 @@ def test_cli_inspect_prints_the_storage_table(finished_run, capsys):
     assert main(["inspect", str(out / "bundles" / "taps")]) == 0
     text = capsys.readouterr().out
     assert "files verified" in text and "total (N x base)" in text and "digits_neg" in text
+
+
+def test_runner_resumes_an_interrupted_unit_to_the_same_delta(tmp_path):
+    """A unit killed after epoch 1 (its checkpoint left behind) ends with the same bytes."""
+    raw = tiny_config(tmp_path, methods=[{"name": "taps", "lam": 1.0}])
+    raw["train"]["epochs"] = 3
+    raw["tasks"] = raw["tasks"][:1]
+    cfg = parse_config(raw)
+    quiet = dict(progress=False, log=lambda s: None)
+    whole = tmp_path / "whole"
+    Runner(cfg, whole, **quiet).run(until="train")
+
+    cut = tmp_path / "cut"
+    runner = Runner(cfg, cut, **quiet)
+    runner.run(until="prepare")
+    unit = cut / "train" / "taps" / "digits"
+    m = cfg.methods[0]
+    sched = Schedule(3, raw["train"]["batch_size"], raw["train"]["lr"], head_lr_scale=cfg.train.head_lr_scale)
+    train_task(runner.backbone, runner.data("digits"), build_method("taps", m.params), sched, cfg.run.seed,
+               workdir=unit, signature=runner._unit_hash("taps", "digits"), progress=False, stop_after_epoch=1)
+    assert (unit / "checkpoint.pt").is_file() and not (unit / "delta.safetensors").exists()
+
+    logs = []
+    Runner(cfg, cut, progress=False, log=logs.append).run(until="train")
+    assert any("resumed from epoch 1" in s for s in logs)
+    assert (unit / "delta.safetensors").read_bytes() == (whole / "train/taps/digits/delta.safetensors").read_bytes()
