@@ -16,10 +16,10 @@ SCHEMA = "taskfold-results/1"
 def collect(r: "Runner") -> dict:
     """Gather every stage's records into one results document."""
     c = r.cfg
-    prepare = r._record("prepare") or {}
-    fold = r._record("fold") or {}
-    export = r._record("export") or {}
-    bench = r._record("bench") or {}
+    prepare = r.record("prepare") or {}
+    fold = r.record("fold") or {}
+    export = r.record("export") or {}
+    bench = r.record("bench") or {}
     latency = bench.get("latency", {})
     methods = {}
     for m in c.methods:

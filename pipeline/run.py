@@ -16,7 +16,6 @@ Run dir layout::
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -75,12 +74,12 @@ class Runner:
             self._data[task] = TaskData.from_tensors(task, k, load_file(str(path)))
         return self._data[task]
 
-    def _record(self, stage: str) -> dict | None:
+    def record(self, stage: str) -> dict | None:
         p = self.out / "stages" / f"{stage}.json"
         return read_json(p) if p.is_file() else None
 
     def _fresh(self, stage: str, h: str) -> dict | None:
-        rec = self._record(stage)
+        rec = self.record(stage)
         if rec and rec.get("hash") == h and all((self.out / o).exists() for o in rec.get("outputs", [])):
             return rec
         return None
@@ -173,13 +172,12 @@ class Runner:
             raise FoldError(f"{m.label}/{task}: merged model differs from the adapted one: {check}")
         with atomic_path(unit / "delta.safetensors") as tmp:
             write_delta(tmp, delta)
-        steps = math.ceil(len(data.train) / schedule.batch_size) * (schedule.epochs - outcome.resumed_from_epoch)
         result = {
             "hash": h, "method": m.name, "label": m.label, "task": task,
             "val_acc": evaluate(outcome.model, data.val, self.backbone.mean, self.backbone.std),
             "test_acc": evaluate(outcome.model, data.test, self.backbone.mean, self.backbone.std),
             "history": outcome.history, "train_seconds": round(outcome.seconds, 2),
-            "step_ms": round(1e3 * outcome.seconds / max(1, steps), 2),
+            "step_ms": round(1e3 * outcome.step_seconds / max(1, outcome.steps), 2),
             "fold_check": check, "describe": method.describe(outcome.model),
         }
         write_json(unit / "result.json", result)
@@ -193,7 +191,7 @@ class Runner:
         if rec := self._fresh("fold", h):
             self.log("fold: up to date, skipped")
             return rec
-        prepared = self._record("prepare")["tasks"]
+        prepared = self.record("prepare")["tasks"]
         bundles = {}
         for m in c.methods:
             deltas = [read_delta(self.out / "train" / m.label / t.name / "delta.safetensors") for t in c.tasks]

@@ -40,7 +40,9 @@ class Schedule:
 class TrainOutcome:
     model: TaskNet
     history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of this call: steps, validation, norm re-estimation
+    steps: int = 0  # optimiser steps taken in this call
+    step_seconds: float = 0.0  # time inside those steps only (forward, backward, update)
     resumed_from_epoch: int = 0
 
 
@@ -94,6 +96,7 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
         bar = tqdm(data.train.batches(schedule.batch_size, gen), total=steps_per_epoch, disable=not progress,
                    desc=f"{method.name}/{data.name} epoch {epoch + 1}/{schedule.epochs}", leave=False)
         for step, (x, y) in enumerate(bar):
+            t_step = time.perf_counter()
             logits = model(normalise(x, backbone.mean, backbone.std))
             loss = F.cross_entropy(logits, y)
             reg = method.regulariser(model, epoch)
@@ -107,6 +110,8 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
             opt.step()
             sched.step()
             total += loss.item() * len(y)
+            outcome.step_seconds += time.perf_counter() - t_step
+            outcome.steps += 1
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.3f}")
         val = evaluate(model, data.val, backbone.mean, backbone.std)

@@ -80,6 +80,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path, digits16):
     resumed = train_task(bb, digits16, build_method("taps", TapsConfig(lam=1.0)), sched, seed=3, workdir=work,
                          signature="s", progress=False)
     assert resumed.resumed_from_epoch == 1
+    assert (whole.steps, first.steps, resumed.steps) == (9, 3, 6)  # 96 images, batch 32, 3 epochs
     assert resumed.history == whole.history
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
