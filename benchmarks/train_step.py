@@ -17,12 +17,14 @@ import torch.nn.functional as F
 
 from pipeline.backbones import build_backbone
 from pipeline.methods import build_method
+from pipeline.train import MEMORY_FORMAT
 
 
 def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor):
     method = build_method(method_name)
-    model = bb.task_net(10)
+    model = bb.task_net(10).to(memory_format=MEMORY_FORMAT)  # as pipeline.train does
     method.prepare(model)
+    x = x.contiguous(memory_format=MEMORY_FORMAT)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
     def step() -> None:

@@ -21,6 +21,11 @@ from pipeline.io import atomic_path
 from pipeline.methods.base import Method
 
 
+# NHWC is ~15% faster per CPU training step for EfficientNet-Lite0's depthwise convs
+# (456 -> 387 ms fine-tune, 464 -> 401 ms TAPS at batch 64, 64 px, 2 threads)
+MEMORY_FORMAT = torch.channels_last
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, a checkpoint from another run); says where."""
 
@@ -64,7 +69,7 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     refused rather than silently mixed in. ``stop_after_epoch`` ends early (tests of resume).
     """
     torch.manual_seed(seed)
-    model = backbone.task_net(data.num_classes, seed)
+    model = backbone.task_net(data.num_classes, seed).to(memory_format=MEMORY_FORMAT)
     method.prepare(model)
     head = {id(p) for p in model.head.parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
@@ -97,7 +102,7 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
                    desc=f"{method.name}/{data.name} epoch {epoch + 1}/{schedule.epochs}", leave=False)
         for step, (x, y) in enumerate(bar):
             t_step = time.perf_counter()
-            logits = model(normalise(x, backbone.mean, backbone.std))
+            logits = model(normalise(x, backbone.mean, backbone.std).contiguous(memory_format=MEMORY_FORMAT))
             loss = F.cross_entropy(logits, y)
             reg = method.regulariser(model, epoch)
             if reg is not None:
