@@ -34,6 +34,11 @@ def tensor_bits(t: torch.Tensor) -> int:
     return t.numel() * t.element_size() * 8
 
 
+def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's own parameters and buffers (not its children's): what an overlay replaces."""
+    return dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+
+
 class Delta:
     kind: ClassVar[str]
 
@@ -75,7 +80,7 @@ class _Overlay(Delta):
         return list(self.values)
 
     def apply(self, module: nn.Module) -> nn.Module:
-        own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        own = own_tensors(module)
         for name, value in self.values.items():
             if name not in own:
                 raise KeyError(f"{type(module).__name__} has no tensor {name!r} to replace")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pipeline.backbones import TaskNet
-from pipeline.delta import Head, Norm, Replace, TaskDelta
+from pipeline.delta import Head, Norm, Replace, TaskDelta, own_tensors
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 ADAPTABLE_TYPES = (nn.Conv2d, nn.Linear)
@@ -72,17 +72,17 @@ def adaptable_layers(model: TaskNet) -> list[tuple[str, nn.Module]]:
     return [(f"features.{p}", m) for p, m in model.features.named_modules() if isinstance(m, ADAPTABLE_TYPES)]
 
 
-def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
-    return {k: v.detach().clone() for k, v in own.items() if v.is_floating_point()}
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the module's own float tensors (integer counters are not task state)."""
+    return {k: v.detach().clone() for k, v in own_tensors(module).items() if v.is_floating_point()}
 
 
 def norm_entries(model: TaskNet) -> dict[str, Norm]:
-    return {
-        f"features.{p}": Norm(_own_tensors(m))
-        for p, m in model.features.named_modules()
-        if isinstance(m, NORM_TYPES) and _own_tensors(m)
-    }
+    out = {}
+    for p, m in model.features.named_modules():
+        if isinstance(m, NORM_TYPES) and (values := _snapshot(m)):
+            out[f"features.{p}"] = Norm(values)
+    return out
 
 
 def head_entry(model: TaskNet) -> dict[str, Head]:
@@ -95,7 +95,6 @@ def all_tensor_entries(model: TaskNet) -> dict[str, Replace]:
     for p, m in model.features.named_modules():
         if isinstance(m, NORM_TYPES):
             continue
-        own = _own_tensors(m)
-        if own:
-            out[f"features.{p}" if p else "features"] = Replace(own)
+        if values := _snapshot(m):
+            out[f"features.{p}" if p else "features"] = Replace(values)
     return out
