@@ -43,6 +43,11 @@ class Backbone:
     std: tuple[float, float, float]
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def base_net(self) -> TaskNet:
+        """The shared base as a TaskNet with no head (eval mode): what every delta merges onto.
+        Shares ``self.features``; ``fold.merge`` copies before changing anything."""
+        return TaskNet(self.features, nn.Identity()).eval()
+
     def task_net(self, num_classes: int, seed: int = 0) -> TaskNet:
         """A fresh TaskNet sharing nothing with ``self.features`` (deep copy), new head."""
         import copy

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
-from torch import nn
 
 from pipeline import __version__
 from pipeline.backbones import Backbone, BackboneError, TaskNet, build_backbone
@@ -141,8 +140,7 @@ def load_bundle(root: Path, expect_backbone: str | None = None) -> Bundle:
     info = manifest["backbone"]
     if expect_backbone is not None and info["name"] != expect_backbone:
         raise BundleError(f"{root}: bundle is for backbone {info['name']!r}, not {expect_backbone!r}")
-    backbone = build_backbone(info["name"], "none", info["kwargs"])
-    base = TaskNet(backbone.features, nn.Identity())
+    base = build_backbone(info["name"], "none", info["kwargs"]).base_net()
     state = load_file(str(root / "base.safetensors"))
     try:
         missing, unexpected = base.load_state_dict(state, strict=False)
@@ -151,7 +149,7 @@ def load_bundle(root: Path, expect_backbone: str | None = None) -> Bundle:
     if missing or unexpected:
         raise BundleError(f"{root / 'base.safetensors'}: does not fit backbone {info['name']!r}: "
                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return Bundle(root, manifest, base.eval())
+    return Bundle(root, manifest, base)
 
 
 __all__ = ["Bundle", "BundleError", "BackboneError", "load_bundle", "write_bundle", "read_delta", "write_delta"]

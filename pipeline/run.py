@@ -63,9 +63,6 @@ class Runner:
             self._backbone = build_backbone(b.name, b.weights, b.kwargs, seed=self.cfg.run.seed)
         return self._backbone
 
-    def base_net(self) -> TaskNet:
-        return TaskNet(self.backbone.features, nn.Identity()).eval()
-
     def data(self, task: str) -> TaskData:
         if task not in self._data:
             path = self.out / "prepared" / f"{task}.safetensors"
@@ -167,7 +164,7 @@ class Runner:
         if outcome.resumed_from_epoch:
             self.log(f"  resumed from epoch {outcome.resumed_from_epoch}")
         delta = method.task_delta(outcome.model, task)
-        check = compare(outcome.model, merge(self.base_net(), delta), self._images(task)[:256])
+        check = compare(outcome.model, merge(self.backbone.base_net(), delta), self._images(task)[:256])
         if check["max_abs_diff"] > FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
             raise FoldError(f"{m.label}/{task}: merged model differs from the adapted one: {check}")
         with atomic_path(unit / "delta.safetensors") as tmp:

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
-from pipeline.backbones import TaskNet, build_backbone
+from pipeline.backbones import build_backbone
 from pipeline.bundle import BundleError, backbone_id, load_bundle, write_bundle
 from pipeline.data import normalise
 from pipeline.delta import tensor_bits
@@ -141,4 +140,4 @@ def test_merge_names_a_delta_that_does_not_fit(backbones):
     other = build_backbone("tiny_convnet", "none", {"width": 12})
     deltas, _ = _deltas(other, "finetune", tasks=("a",))
     with pytest.raises(ValueError, match=r"task tensor shape .* != base shape"):
-        merge(TaskNet(bb.features, nn.Identity()), deltas[0])
+        merge(bb.base_net(), deltas[0])

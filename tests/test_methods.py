@@ -1,14 +1,11 @@
 """Every method on every tiny backbone: trains only its own parameters, folds exactly."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pipeline.backbones import TaskNet
 from pipeline.data import normalise
 from pipeline.fold import compare, merge
 from pipeline.methods import REGISTRY, build_method
@@ -64,7 +61,7 @@ def test_train_then_fold_is_exact(backbones, digits16, digits32, bb_name, method
         assert torch.equal(v, base_before[k]), k
 
     delta = method.task_delta(model, "digits")
-    base = TaskNet(bb.features, nn.Identity())
+    base = bb.base_net()
     merged = merge(base, delta)
     x = normalise(data.test.images, bb.mean, bb.std)
     check = compare(model, merged, x)
@@ -145,6 +142,6 @@ def test_finetune_stores_everything_including_non_module_tensors(backbones):
     delta = method.task_delta(model, "t")
     stored = sum(d.params() for p, d in delta.entries.items() if p != "head")
     assert stored == sum(v.numel() for v in bb.features.state_dict().values() if v.is_floating_point())
-    merged = merge(TaskNet(bb.features, nn.Identity()), delta)
+    merged = merge(bb.base_net(), delta)
     assert torch.equal(merged.features.pos_embed, model.features.pos_embed)
     assert not torch.equal(merged.features.pos_embed, bb.features.pos_embed)
