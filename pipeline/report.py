@@ -102,7 +102,7 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
         layers = [t["describe"] for t in m["tasks"].values() if "gated_on" in t["describe"]]
         if layers:
             on = [sum(d["gated_on"]) for d in layers]
-            lines += ["", f"Task-specific layers per task: " + ", ".join(f"{n}: {k}/{len(d['gated_on'])}"
+            lines += ["", "Task-specific layers per task: " + ", ".join(f"{n}: {k}/{len(d['gated_on'])}"
                                                                       for n, k, d in zip(m["tasks"], on, layers))]
     for title, rel in plots.items():
         lines += ["", f"## {title}", "", f"![{title}]({rel})"]
