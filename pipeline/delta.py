@@ -6,7 +6,8 @@ kind knows three things and nothing else:
 * ``apply(module)``: merge itself into a plain module of the base architecture and
   return the module to put at that path;
 * ``params()`` / ``bits()``: its storage cost (float bits by storage dtype);
-* ``tensors()`` / ``from_tensors()``: its safetensors form.
+* ``tensors()`` / ``from_tensors()``: its safetensors form; ``attrs()``: small JSON facts
+  that are not tensors (a row range, a layout), kept in the file's metadata.
 
 New kinds (low-rank, channel-select, skip) register with ``@delta_kind`` and need no
 change in fold, bundle or the exporters.
@@ -45,8 +46,12 @@ class Delta:
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def attrs(self) -> dict:
+        """JSON-able facts needed to rebuild the delta besides its tensors."""
+        return {}
+
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Delta":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], attrs: dict | None = None) -> "Delta":
         raise NotImplementedError
 
     def apply(self, module: nn.Module) -> nn.Module:
@@ -55,6 +60,11 @@ class Delta:
     def covers(self) -> list[str]:
         """Names of the module's base tensors this delta makes unnecessary (ledger use)."""
         return []
+
+    def overlay(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Tensors to run ``module`` with for this task, computed from the shared base module
+        without changing it (shared-plus-delta form). None: the kind replaces the module."""
+        return None
 
     def params(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
@@ -73,11 +83,14 @@ class _Overlay(Delta):
         return dict(self.values)
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "_Overlay":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], attrs: dict | None = None) -> "_Overlay":
         return cls(dict(tensors))
 
     def covers(self) -> list[str]:
         return list(self.values)
+
+    def overlay(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return dict(self.values)
 
     def apply(self, module: nn.Module) -> nn.Module:
         own = own_tensors(module)
@@ -121,7 +134,7 @@ class Head(Delta):
         return {"weight": self.weight, "bias": self.bias}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Head":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], attrs: dict | None = None) -> "Head":
         return cls(tensors["weight"], tensors["bias"])
 
     def apply(self, module: nn.Module) -> nn.Module:
@@ -130,6 +143,70 @@ class Head(Delta):
             head.weight.copy_(self.weight)
             head.bias.copy_(self.bias)
         return head
+
+
+def cp_dense(factors: list[torch.Tensor]) -> torch.Tensor:
+    """The dense tensor ``sum_r f_1[r] o f_2[r] o ...`` of CP factors, each of shape (R, n_i)."""
+    axes = "abcdefghijk"[: len(factors)]
+    return torch.einsum(",".join(f"r{a}" for a in axes) + "->" + axes, *factors)
+
+
+@dataclass
+class CPPart:
+    """One CP term set: factors (R, n_i) whose dense tensor, reshaped, is added to ``weight[rows]``
+    (all rows when ``rows`` is None). The dense tensor's axes must be a view of that block."""
+
+    factors: list[torch.Tensor]
+    rows: tuple[int, int] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.factors[0].shape[0]
+
+
+@delta_kind
+@dataclass
+class LowRank(Delta):
+    """FTN: an additive low-rank CP delta on a layer's weight. Only the factors are stored;
+    ``dense()`` is the one definition of the delta, used by training, merge and the tests."""
+
+    kind = "lowrank"
+    parts: list[CPPart]
+
+    def dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """The full-size delta for ``weight`` (zeros outside the parts' rows)."""
+        if len(self.parts) == 1 and self.parts[0].rows is None:
+            return cp_dense(self.parts[0].factors).reshape(weight.shape)
+        out = weight.new_zeros(weight.shape)
+        for part in self.parts:
+            lo, hi = part.rows if part.rows is not None else (0, weight.shape[0])
+            out[lo:hi] = cp_dense(part.factors).reshape(out[lo:hi].shape)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"p{i}.f{j}": f for i, part in enumerate(self.parts) for j, f in enumerate(part.factors)}
+
+    def attrs(self) -> dict:
+        return {"parts": [{"rows": list(p.rows) if p.rows else None, "axes": len(p.factors)} for p in self.parts]}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], attrs: dict | None = None) -> "LowRank":
+        if not attrs or "parts" not in attrs:
+            raise ValueError("a low-rank entry needs attrs.parts (the layout of its factors)")
+        parts = [CPPart([tensors[f"p{i}.f{j}"] for j in range(p["axes"])], tuple(p["rows"]) if p["rows"] else None)
+                 for i, p in enumerate(attrs["parts"])]
+        return cls(parts)
+
+    def overlay(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": module.weight + self.dense(module.weight)}
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        weight = own_tensors(module).get("weight")
+        if weight is None:
+            raise KeyError(f"{type(module).__name__} has no weight for a low-rank delta")
+        with torch.no_grad():
+            weight.add_(self.dense(weight).to(weight.dtype))
+        return module
 
 
 @dataclass
@@ -172,13 +249,17 @@ class TaskDelta:
 
     def metadata(self) -> dict[str, str]:
         """One JSON value under one key: safetensors writes metadata keys in hash order, so
-        several keys would make identical deltas differ byte for byte between processes."""
-        info = {"task": self.task, "method": self.method, "gate_bits": self.gate_bits, "paths": list(self.entries)}
+        several keys would make identical deltas differ byte for byte between processes.
+        ``entries`` lists (path, kind, attrs) in order, so kinds without tensors survive too."""
+        entries = [[path, d.kind, d.attrs()] for path, d in self.entries.items()]
+        info = {"task": self.task, "method": self.method, "gate_bits": self.gate_bits, "entries": entries}
         return {"taskfold.delta": json.dumps(info, sort_keys=True)}
 
     @classmethod
     def from_flat(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "TaskDelta":
         info = json.loads(metadata["taskfold.delta"])
+        if "entries" not in info:
+            raise ValueError("metadata 'taskfold.delta' has no 'entries' list (written by an older taskfold?)")
         grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             try:
@@ -187,9 +268,14 @@ class TaskDelta:
                 raise ValueError(f"tensor key {key!r} is not of the form path::kind::name") from None
             grouped.setdefault((path, kind), {})[name] = t
         entries: dict[str, Delta] = {}
-        for (path, kind), ts in grouped.items():
+        for path, kind, attrs in info["entries"]:
             if kind not in KINDS:
-                raise ValueError(f"tensor {path!r}: unknown delta kind {kind!r}; known: {sorted(KINDS)}")
-            entries[path] = KINDS[kind].from_tensors(ts)
-        entries = {p: entries[p] for p in info["paths"] if p in entries} | entries
+                raise ValueError(f"entry {path!r}: unknown delta kind {kind!r}; known: {sorted(KINDS)}")
+            try:
+                entries[path] = KINDS[kind].from_tensors(grouped.pop((path, kind), {}), attrs)
+            except KeyError as err:
+                raise ValueError(f"entry {path!r} ({kind}): missing tensor {err}") from None
+        if grouped:
+            path, kind = next(iter(grouped))
+            raise ValueError(f"tensor {path}::{kind}::* belongs to no entry in the metadata")
         return cls(info["task"], info["method"], entries, int(info["gate_bits"]))
