@@ -60,7 +60,7 @@ def test_round_trip_reproduces_the_adapted_models(tiny_bundle, digits16):
                 assert torch.equal(loaded.entries[path].tensors()[name], tensor), (path, name)
 
 
-@pytest.mark.parametrize("method_name", ["finetune", "linear_probe", "norm_head", "taps"])
+@pytest.mark.parametrize("method_name", ["finetune", "linear_probe", "norm_head", "taps", "ftn"])
 def test_ledger_equals_bytes_on_disk(tmp_path, backbones, method_name):
     bb, _ = backbones["tiny_convnet"]
     deltas, _ = _deltas(bb, method_name, TapsConfig(lam=0.0) if method_name == "taps" else None)

@@ -11,7 +11,7 @@ from pipeline.fold import compare, merge
 from pipeline.methods import REGISTRY, build_method
 from pipeline.methods.taps import TapsConfig, gates
 
-METHODS = ["finetune", "linear_probe", "norm_head", "taps"]
+METHODS = ["finetune", "linear_probe", "norm_head", "taps", "ftn"]
 
 
 def _train_steps(model, method, data, bb, steps=3, lr=0.05):

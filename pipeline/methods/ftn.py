@@ -1,0 +1,182 @@
+"""FTN: factorized tensor networks (Garg et al., 2023, sections 3.1-3.2).
+
+Every adapted layer gets an additive task delta that is a sum of R rank-1 tensors, scaled
+by ``alpha / R``; the backbone stays frozen and only the factors, the task norms and the
+head train. Only the factors are stored (a ``LowRank`` entry), R * sum(axis lengths) values
+per layer; merging adds the dense delta to the base weight.
+
+How a weight is viewed as a CP tensor (its axes are a reshape of the weight, so the dense
+delta is a view of it; axes of length 1 are dropped, as they would only repeat the scale):
+
+* Conv2d, weight (C_out, C_in/groups, kh, kw) -> (C_out, C_in/groups, kh*kw): the paper's
+  (k^2, C_in, C_out). Grouped and depthwise convs use their per-group input axis, so a
+  depthwise kxk conv gets a rank-R (C_out x k^2) matrix and a 1x1 conv a rank-R
+  (C_out x C_in) matrix; the delta keeps the layer's group structure, so it merges exactly.
+* Linear (out, in): a rank-R matrix.
+* Attention (timm's ``Attention``, fused ``qkv``), the paper's two variants:
+  ``qv``: W_q and W_v, rows of qkv, each viewed (n_heads, head_dim, d_model) with its own
+  factors; ``o``: W_o (proj) viewed (d_model, n_heads, head_dim). The other attention
+  linear is left to the base in each variant.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pipeline.backbones import TaskNet
+from pipeline.delta import CPPart, LowRank, TaskDelta
+from pipeline.methods import register
+from pipeline.methods.base import Method, MethodConfig, head_entry, norm_entries
+
+
+class FtnConfig(MethodConfig):
+    rank: int = Field(1, ge=1, description="default CP rank R per layer")
+    rank_overrides: dict[str, int] = Field(
+        default_factory=dict,
+        description="module-path pattern (fnmatch, e.g. 'features.blocks.6.*') -> rank; first match wins; 0 = not adapted")
+    alpha: float = Field(1.0, gt=0, description="the delta is scaled by alpha / R")
+    attention: Literal["qv", "o"] = Field("qv", description="which attention weights get CP deltas (paper's variants)")
+    layers: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of module paths to adapt")
+    attention_init_std: float = Field(0.05, gt=0, description="std of the N(0, std) init of attention factors")
+    init: Literal["paper", "zero"] = Field(
+        "paper", description="paper: random factors as in the paper; zero: last factor zero, so training starts "
+                             "exactly at the pretrained model (as LoRA does)")
+
+    @field_validator("rank_overrides")
+    @classmethod
+    def _ranks(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in v.items() if r < 0}
+        if bad:
+            raise ValueError(f"ranks must be >= 0, got {bad}")
+        return v
+
+
+def _drop_unit(shape: tuple[int, ...]) -> tuple[int, ...]:
+    kept = tuple(n for n in shape if n > 1)
+    return kept or (1,)
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "proj", None), nn.Linear) \
+        and hasattr(m, "num_heads")
+
+
+def cp_layout(model: TaskNet, attention: str) -> dict[str, tuple[nn.Module, list[tuple[tuple[int, int] | None, tuple]]]]:
+    """path -> (layer, [(rows, CP axes)]) for every layer FTN can adapt, in module order."""
+    attn_linears: dict[int, list] = {}
+    for m in model.features.modules():
+        if _is_attention(m):
+            d_model, heads = m.proj.out_features, m.num_heads
+            head_dim = m.qkv.out_features // 3 // heads
+            inner = heads * head_dim
+            attn_linears[id(m.qkv)] = [((0, inner), (heads, head_dim, d_model)),
+                                       ((2 * inner, 3 * inner), (heads, head_dim, d_model))] if attention == "qv" else []
+            attn_linears[id(m.proj)] = [(None, (d_model, heads, head_dim))] if attention == "o" else []
+    out = {}
+    for p, m in model.features.named_modules():
+        path = f"features.{p}"
+        if id(m) in attn_linears:
+            if attn_linears[id(m)]:
+                out[path] = (m, attn_linears[id(m)])
+        elif isinstance(m, nn.Conv2d):
+            c_out, c_in, kh, kw = m.weight.shape
+            out[path] = (m, [(None, _drop_unit((c_out, c_in, kh * kw)))])
+        elif isinstance(m, nn.Linear):
+            out[path] = (m, [(None, _drop_unit(tuple(m.weight.shape)))])
+    return out
+
+
+class CPAdapter(nn.Module):
+    """Parametrisation ``w -> w + (alpha / R) * CP(factors)`` of one layer's weight."""
+
+    def __init__(self, parts: list[tuple[tuple[int, int] | None, tuple]], rank: int, alpha: float,
+                 init_std: float | None, zero_last: bool = False):
+        super().__init__()
+        self.rows = [rows for rows, _ in parts]
+        self.scale = alpha / rank
+        self.factors = nn.ParameterList()
+        self.axes = []
+        for _, axes in parts:
+            self.axes.append(len(axes))
+            for n in axes:
+                f = torch.empty(rank, n)
+                # paper: Xavier-uniform factors for convs and linears, N(0, std) for attention
+                nn.init.normal_(f, 0.0, init_std) if init_std is not None else nn.init.xavier_uniform_(f)
+                self.factors.append(nn.Parameter(f))
+            if zero_last:
+                nn.init.zeros_(self.factors[-1])
+
+    def lowrank(self) -> LowRank:
+        """The current delta as stored: the scale folded into each part's first factor."""
+        parts, i = [], 0
+        for rows, n in zip(self.rows, self.axes):
+            fs = list(self.factors[i:i + n])
+            parts.append(CPPart([fs[0] * self.scale, *fs[1:]], rows))
+            i += n
+        return LowRank(parts)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.lowrank().dense(weight)
+
+
+def adapters(model: TaskNet) -> list[tuple[str, nn.Module, CPAdapter]]:
+    out = []
+    for path, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], CPAdapter):
+            out.append((path, m, m.parametrizations.weight[0]))
+    return out
+
+
+@register
+class Ftn(Method):
+    name = "ftn"
+    Config = FtnConfig
+
+    def rank_for(self, path: str) -> int:
+        cfg = self.config
+        if not any(fnmatch.fnmatchcase(path, pat) for pat in cfg.layers):
+            return 0
+        for pattern, rank in cfg.rank_overrides.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                return rank
+        return cfg.rank
+
+    def prepare(self, model: TaskNet) -> None:
+        super().prepare(model)
+        cfg = self.config
+        attn_ids = {id(m.qkv) for m in model.features.modules() if _is_attention(m)} | \
+                   {id(m.proj) for m in model.features.modules() if _is_attention(m)}
+        for path, (layer, parts) in cp_layout(model, cfg.attention).items():
+            rank = self.rank_for(path)
+            if rank == 0:
+                continue
+            std = cfg.attention_init_std if id(layer) in attn_ids else None
+            adapter = CPAdapter(parts, rank, cfg.alpha, std, zero_last=cfg.init == "zero")
+            parametrize.register_parametrization(layer, "weight", adapter)
+            layer.parametrizations.weight.original.requires_grad_(False)
+
+    def task_delta(self, model: TaskNet, task: str) -> TaskDelta:
+        entries = {}
+        for path, _, a in adapters(model):
+            lr = a.lowrank()
+            entries[path] = LowRank([CPPart([f.detach().clone() for f in p.factors], p.rows) for p in lr.parts])
+        return TaskDelta(task, self.name, entries | norm_entries(model) | head_entry(model))
+
+    def describe(self, model: TaskNet) -> dict:
+        layers = adapters(model)
+        return {
+            "layers": [p for p, _, _ in layers],
+            "rank": [len(a.factors[0]) for _, _, a in layers],
+            "params": [sum(f.numel() for f in a.factors) for _, _, a in layers],
+            "base_params": [m.parametrizations.weight.original.numel() for _, m, _ in layers],
+        }
+
+
+def cp_params(axes: tuple[int, ...], rank: int) -> int:
+    """The paper's count for one part: R * (sum of axis lengths), e.g. R (k^2 + C_in + C_out)."""
+    return rank * sum(axes)
