@@ -134,7 +134,9 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     if finished and schedule.recalibrate_norms and method.task_norms:
         recalibrate_norms(model, data.train, backbone, schedule.batch_size)
     outcome.seconds = time.perf_counter() - t0
-    model.eval()
+    # back to the standard layout, as merged models have: fold checks then compare the fold,
+    # not two conv kernels (channels_last and contiguous convs round differently, ~1e-4)
+    model.to(memory_format=torch.contiguous_format).eval()
     return outcome
 
 
