@@ -1,6 +1,7 @@
 """results.json (schema ``taskfold-results/1``, see README) and report.md with plots."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from statistics import mean
 from typing import TYPE_CHECKING
@@ -60,6 +61,41 @@ def collect(r: "Runner") -> dict:
     }
 
 
+def sweeps(res: dict) -> list[dict]:
+    """Runs of one method that differ in exactly one numeric parameter (3 or more): a sweep,
+    e.g. FTN over rank or TAPS over lambda. Sorted by the parameter's value."""
+    out = []
+    by_method: dict[str, list[str]] = {}
+    for label, m in res["methods"].items():
+        by_method.setdefault(m["method"], []).append(label)
+    for name, labels in by_method.items():
+        params = [res["methods"][label]["params"] for label in labels]
+        keys = sorted({k for p in params for k in p})
+        varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
+        if len(labels) < 3 or len(varying) != 1:
+            continue
+        key = varying[0]
+        if not all(isinstance(p.get(key), (int, float)) and not isinstance(p.get(key), bool) for p in params):
+            continue
+        points = sorted(zip((p[key] for p in params), labels))
+        out.append({"method": name, "param": key, "values": [v for v, _ in points], "labels": [lb for _, lb in points]})
+    return out
+
+
+def _sweep_table(res: dict, sweep: dict) -> list[str]:
+    tasks = list(res["tasks"])
+    lines = [f"| {sweep['param']} | " + " | ".join(tasks) + " | mean | N x base | task bytes (mean) |",
+             "|---|" + "---|" * (len(tasks) + 3)]
+    for value, label in zip(sweep["values"], sweep["labels"]):
+        m = res["methods"][label]
+        accs = [m["tasks"][t]["test_acc"] for t in tasks]
+        sizes = [m["tasks"][t]["storage"]["bytes_on_disk"] for t in tasks]
+        size = _fmt(mean(sizes) if None not in sizes else None, ",.0f")
+        lines.append(f"| {value} | " + " | ".join(f"{a:.4f}" for a in accs) +
+                     f" | {mean(accs):.4f} | {_fmt(m['n_x_base'], '.3f')} | {size} |")
+    return lines
+
+
 def _fmt(x, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
@@ -104,6 +140,8 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
             on = [sum(d["gated_on"]) for d in layers]
             lines += ["", "Task-specific layers per task: " + ", ".join(f"{n}: {k}/{len(d['gated_on'])}"
                                                                       for n, k, d in zip(m["tasks"], on, layers))]
+    for sweep in sweeps(res):
+        lines += ["", f"## Sweep: {sweep['method']} over {sweep['param']}", ""] + _sweep_table(res, sweep)
     for title, rel in plots.items():
         lines += ["", f"## {title}", "", f"![{title}]({rel})"]
     lines += ["", f"Stage wall times (s): {res['stage_seconds']}", ""]
@@ -126,6 +164,37 @@ def plot_accuracy_vs_params(res: dict, path: Path) -> None:
     ax.set_title("Accuracy against parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(res: dict, sweep: dict, path: Path) -> None:
+    """Accuracy per task against the swept parameter (FTN paper: accuracy against rank),
+    with the stored parameters (N x base) on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, labels = sweep["values"], sweep["labels"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for t in res["tasks"]:
+        ax.plot(xs, [res["methods"][lb]["tasks"][t]["test_acc"] for lb in labels], marker="o", alpha=0.7, label=t)
+    ax.plot(xs, [res["methods"][lb]["mean_test_acc"] for lb in labels], marker="s", color="black", lw=2, label="mean")
+    if min(xs) > 0 and max(xs) / min(xs) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(sweep["param"])
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    n_x = [res["methods"][lb]["n_x_base"] for lb in labels]
+    if None not in n_x:
+        ax2 = ax.twinx()
+        ax2.plot(xs, n_x, ls="--", color="grey", marker="x", label="N x base")
+        ax2.set_ylabel("N x base (dashed)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{sweep['method']}: accuracy against {sweep['param']}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -159,6 +228,10 @@ def write_report(r: "Runner") -> dict:
     plots = {}
     plot_accuracy_vs_params(res, r.out / "plots" / "accuracy_vs_params.png")
     plots["Accuracy against parameters"] = "plots/accuracy_vs_params.png"
+    for sweep in sweeps(res):
+        rel = f"plots/sweep_{sweep['method']}_{sweep['param']}.png"
+        plot_sweep(res, sweep, r.out / rel)
+        plots[f"{sweep['method']}: accuracy against {sweep['param']}"] = rel
     for label, m in res["methods"].items():
         if all("gated_on" in t["describe"] for t in m["tasks"].values()):
             rel = f"plots/layer_map_{label}.png"

@@ -46,7 +46,7 @@ def tiny_config(tmp_path, **over) -> dict:
             {"name": "digits_neg", "source": {"type": "digits"}, "domain": "negative",
              "train_size": 96, "val_size": 32, "test_size": 48},
         ],
-        "methods": ["finetune", "linear_probe", "norm_head", {"name": "taps", "lam": 1.0}],
+        "methods": ["finetune", "linear_probe", "norm_head", {"name": "taps", "lam": 1.0}, {"name": "ftn", "rank": 2}],
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
         "bench": {"warmup": 1, "runs": 5, "batch_sizes": [1, 4]},
     }

@@ -31,7 +31,7 @@ def test_run_writes_every_artefact(finished_run):
     cfg, out = finished_run
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "taskfold-results/1"
-    assert set(res["methods"]) == {"finetune", "linear_probe", "norm_head", "taps"}
+    assert set(res["methods"]) == {"finetune", "linear_probe", "norm_head", "taps", "ftn"}
     for label, m in res["methods"].items():
         assert (out / "bundles" / label / "manifest.json").is_file()
         for task, t in m["tasks"].items():
@@ -48,13 +48,32 @@ def test_run_writes_every_artefact(finished_run):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_sweeps_are_found_and_plotted(tmp_path):
+    from pipeline.report import plot_sweep, sweeps
+
+    def method(name, acc, **params):
+        return {"method": name, "params": params, "mean_test_acc": acc, "n_x_base": 1 + params.get("rank", 0) / 100,
+                "tasks": {"a": {"test_acc": acc, "storage": {"bytes_on_disk": 10}}}}
+
+    res = {"tasks": {"a": {}}, "methods": {
+        "r10": method("ftn", 0.7, rank=10, alpha=1.0), "r1": method("ftn", 0.5, rank=1, alpha=1.0),
+        "r5": method("ftn", 0.6, rank=5, alpha=1.0), "probe": method("linear_probe", 0.4),
+        "t1": method("taps", 0.7, lam=1.0, tau=0.1), "t2": method("taps", 0.6, lam=2.0, tau=0.2),
+        "t3": method("taps", 0.5, lam=3.0, tau=0.1)}}
+    found = sweeps(res)
+    # taps varies two parameters at once: not a sweep
+    assert found == [{"method": "ftn", "param": "rank", "values": [1, 5, 10], "labels": ["r1", "r5", "r10"]}]
+    plot_sweep(res, found[0], tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
 def test_second_run_skips_every_stage(finished_run):
     cfg, out = finished_run
     logs = []
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.onnx")}
     Runner(cfg, out, progress=False, log=logs.append).run()
     assert any("prepare: up to date" in s for s in logs)
-    assert sum("up to date, skipped" in s for s in logs) == 1 + 8 + 3  # prepare, 8 units, fold/export/bench
+    assert sum("up to date, skipped" in s for s in logs) == 1 + 10 + 3  # prepare, 10 units, fold/export/bench
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.onnx")} == before
 
 
