@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+from torch.nn.utils import parametrize
 
 from pipeline.backbones import TaskNet
 from pipeline.delta import Head, Norm, Replace, TaskDelta, own_tensors
@@ -70,6 +71,15 @@ def norm_layers(model: TaskNet) -> list[nn.Module]:
 def adaptable_layers(model: TaskNet) -> list[tuple[str, nn.Module]]:
     """Every Conv2d and Linear of the backbone (depthwise convs and attention linears included)."""
     return [(f"features.{p}", m) for p, m in model.features.named_modules() if isinstance(m, ADAPTABLE_TYPES)]
+
+
+def parametrized_layers(model: nn.Module, kind: type[nn.Module]) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(path, layer, parametrisation) for every layer whose ``weight`` a ``kind`` parametrises."""
+    out = []
+    for path, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], kind):
+            out.append((path, m, m.parametrizations.weight[0]))
+    return out
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

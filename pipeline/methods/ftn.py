@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from pipeline.backbones import TaskNet
 from pipeline.delta import CPPart, LowRank, TaskDelta
 from pipeline.methods import register
-from pipeline.methods.base import Method, MethodConfig, head_entry, norm_entries
+from pipeline.methods.base import Method, MethodConfig, head_entry, norm_entries, parametrized_layers
 
 
 class FtnConfig(MethodConfig):
@@ -125,11 +125,7 @@ class CPAdapter(nn.Module):
 
 
 def adapters(model: TaskNet) -> list[tuple[str, nn.Module, CPAdapter]]:
-    out = []
-    for path, m in model.named_modules():
-        if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], CPAdapter):
-            out.append((path, m, m.parametrizations.weight[0]))
-    return out
+    return parametrized_layers(model, CPAdapter)
 
 
 @register

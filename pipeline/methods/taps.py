@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 from pipeline.backbones import TaskNet
 from pipeline.delta import Replace, TaskDelta
 from pipeline.methods import register
-from pipeline.methods.base import Method, MethodConfig, adaptable_layers, head_entry, norm_entries
+from pipeline.methods.base import (Method, MethodConfig, adaptable_layers, head_entry, norm_entries,
+                                   parametrized_layers)
 
 
 class TapsConfig(MethodConfig):
@@ -50,13 +51,7 @@ class TapsGate(nn.Module):
 
 
 def gates(model: TaskNet) -> list[tuple[str, nn.Module, TapsGate]]:
-    out = []
-    for path, m in model.named_modules():
-        if parametrize.is_parametrized(m, "weight"):
-            g = m.parametrizations.weight[0]
-            if isinstance(g, TapsGate):
-                out.append((path, m, g))
-    return out
+    return parametrized_layers(model, TapsGate)
 
 
 @register
