@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default="finetune,taps,norm_head,linear_probe")
+    p.add_argument("--methods", default="finetune,taps,ftn,norm_head,linear_probe")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
