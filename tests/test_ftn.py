@@ -176,3 +176,18 @@ def test_shared_plus_delta_equals_merged_without_dense_copies(backbones, digits1
         assert torch.equal(base.features.state_dict()[k], v)
     with pytest.raises(KeyError, match="no task 'zzz'"):
         shared(x, "zzz")
+
+
+def test_frozen_norms_option_keeps_the_base_statistics(backbones, digits16):
+    bb, _ = backbones["tiny_convnet"]
+    method = build_method("ftn", FtnConfig(task_norms=False))
+    model = bb.task_net(10)
+    method.prepare(model)
+    method.train_mode(model)
+    x, _ = next(digits16.train.batches(16))
+    model(normalise(x, bb.mean, bb.std))  # a train-mode forward: BN statistics must not move
+    for k, v in bb.features.state_dict().items():
+        if "running" in k:
+            assert torch.equal(model.features.state_dict()[k], v), k
+    delta = method.task_delta(model, "t")
+    assert {d.kind for d in delta.entries.values()} == {"lowrank", "head"}

@@ -43,6 +43,8 @@ class FtnConfig(MethodConfig):
     attention: Literal["qv", "o"] = Field("qv", description="which attention weights get CP deltas (paper's variants)")
     layers: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of module paths to adapt")
     attention_init_std: float = Field(0.05, gt=0, description="std of the N(0, std) init of attention factors")
+    task_norms: bool = Field(True, description="train task-specific norms, as the paper; False keeps the base's "
+                                               "norms and statistics (frozen, in eval mode)")
     init: Literal["paper", "zero"] = Field(
         "paper", description="paper: random factors as in the paper; zero: last factor zero, so training starts "
                              "exactly at the pretrained model (as LoRA does)")
@@ -133,6 +135,10 @@ class Ftn(Method):
     name = "ftn"
     Config = FtnConfig
 
+    @property
+    def task_norms(self) -> bool:
+        return self.config.task_norms
+
     def rank_for(self, path: str) -> int:
         cfg = self.config
         if not any(fnmatch.fnmatchcase(path, pat) for pat in cfg.layers):
@@ -161,7 +167,8 @@ class Ftn(Method):
         for path, _, a in adapters(model):
             lr = a.lowrank()
             entries[path] = LowRank([CPPart([f.detach().clone() for f in p.factors], p.rows) for p in lr.parts])
-        return TaskDelta(task, self.name, entries | norm_entries(model) | head_entry(model))
+        norms = norm_entries(model) if self.task_norms else {}
+        return TaskDelta(task, self.name, entries | norms | head_entry(model))
 
     def describe(self, model: TaskNet) -> dict:
         layers = adapters(model)
