@@ -159,10 +159,6 @@ class CPPart:
     factors: list[torch.Tensor]
     rows: tuple[int, int] | None = None
 
-    @property
-    def rank(self) -> int:
-        return self.factors[0].shape[0]
-
 
 @delta_kind
 @dataclass

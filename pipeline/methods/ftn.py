@@ -68,8 +68,8 @@ def _is_attention(m: nn.Module) -> bool:
         and hasattr(m, "num_heads")
 
 
-def cp_layout(model: TaskNet, attention: str) -> dict[str, tuple[nn.Module, list[tuple[tuple[int, int] | None, tuple]]]]:
-    """path -> (layer, [(rows, CP axes)]) for every layer FTN can adapt, in module order."""
+def cp_layout(model: TaskNet, attention: str) -> dict[str, tuple[nn.Module, list[tuple[tuple[int, int] | None, tuple]], bool]]:
+    """path -> (layer, [(rows, CP axes)], is attention) for every layer FTN can adapt, in module order."""
     attn_linears: dict[int, list] = {}
     for m in model.features.modules():
         if _is_attention(m):
@@ -84,12 +84,12 @@ def cp_layout(model: TaskNet, attention: str) -> dict[str, tuple[nn.Module, list
         path = f"features.{p}"
         if id(m) in attn_linears:
             if attn_linears[id(m)]:
-                out[path] = (m, attn_linears[id(m)])
+                out[path] = (m, attn_linears[id(m)], True)
         elif isinstance(m, nn.Conv2d):
             c_out, c_in, kh, kw = m.weight.shape
-            out[path] = (m, [(None, _drop_unit((c_out, c_in, kh * kw)))])
+            out[path] = (m, [(None, _drop_unit((c_out, c_in, kh * kw)))], False)
         elif isinstance(m, nn.Linear):
-            out[path] = (m, [(None, _drop_unit(tuple(m.weight.shape)))])
+            out[path] = (m, [(None, _drop_unit(tuple(m.weight.shape)))], False)
     return out
 
 
@@ -151,13 +151,11 @@ class Ftn(Method):
     def prepare(self, model: TaskNet) -> None:
         super().prepare(model)
         cfg = self.config
-        attn_ids = {id(m.qkv) for m in model.features.modules() if _is_attention(m)} | \
-                   {id(m.proj) for m in model.features.modules() if _is_attention(m)}
-        for path, (layer, parts) in cp_layout(model, cfg.attention).items():
+        for path, (layer, parts, is_attention) in cp_layout(model, cfg.attention).items():
             rank = self.rank_for(path)
             if rank == 0:
                 continue
-            std = cfg.attention_init_std if id(layer) in attn_ids else None
+            std = cfg.attention_init_std if is_attention else None
             adapter = CPAdapter(parts, rank, cfg.alpha, std, zero_last=cfg.init == "zero")
             parametrize.register_parametrization(layer, "weight", adapter)
             layer.parametrizations.weight.original.requires_grad_(False)
