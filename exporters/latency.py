@@ -1,14 +1,24 @@
 """Latency of onnxruntime sessions: warm-up, then median and p90 over many timed runs.
 
-Sessions are timed in rounds, in a new (seeded) order each round and with one untimed run
+Targets are timed in rounds, in a new (seeded) order each round and with one untimed run
 after every switch, so drift and cache effects hit all of them alike and ratios measured
-in one call (merged / base) are fair.
+in one call (merged / base) are fair. A target is a session, or a session with run options
+(an active adapter), wrapped by ``runner``.
 """
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
+
+Runner = Callable[[np.ndarray], object]
+
+
+def runner(sess, run_options=None) -> Runner:
+    """``x -> outputs`` for a session (and its run options, e.g. an active adapter)."""
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x}, run_options)
 
 
 def _stats(ms: list[float], batch_size: int) -> dict[str, float]:
@@ -16,24 +26,23 @@ def _stats(ms: list[float], batch_size: int) -> dict[str, float]:
             "mean_ms": float(np.mean(ms)), "runs": len(ms)}
 
 
-def measure(sessions: dict[str, object], image_size: int, batch_size: int, warmup: int = 10, runs: int = 50,
+def measure(targets: dict[str, object], image_size: int, batch_size: int, warmup: int = 10, runs: int = 50,
             rounds: int = 5) -> dict[str, dict]:
-    """Milliseconds per ``run`` call for each session, on one fixed random batch."""
+    """Milliseconds per call for each target (a session or a ``runner``), on one fixed random batch."""
     x = np.random.default_rng(0).standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for k, s in sessions.items():
+    fns = {k: t if callable(t) else runner(t) for k, t in targets.items()}
+    for fn in fns.values():
         for _ in range(warmup):
-            s.run(None, feeds[k])
+            fn(x)
     per_round = max(1, runs // rounds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     rng = np.random.default_rng(0)
-    names = list(sessions)
     for _ in range(rounds):
-        for k in rng.permutation(names):
-            s = sessions[k]
-            s.run(None, feeds[k])  # untimed: the first call after a switch pays for cold caches
+        for k in rng.permutation(list(fns)):
+            fn = fns[k]
+            fn(x)  # untimed: the first call after a switch pays for cold caches
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                s.run(None, feeds[k])
+                fn(x)
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: _stats(v, batch_size) for k, v in times.items()}

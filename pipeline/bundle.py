@@ -113,8 +113,14 @@ class Bundle:
             raise BundleError(f"{self.root}: no task {task!r}; tasks: {self.tasks}")
         return read_delta(self.root / self.manifest["tasks"][task]["file"])
 
-    def merged(self, task: str) -> TaskNet:
-        return merge(self.base, self.delta(task))
+    def merged(self, task: str, branches: bool = False) -> TaskNet:
+        """The task's plain model; ``branches``: low-rank deltas as side branches on the base."""
+        return merge(self.base, self.delta(task), branches=branches)
+
+    def has_branches(self) -> bool:
+        """Does any task's delta run as a side branch (so a branch form differs from merged)?"""
+        return any(entry.branch(self.base.get_submodule(path)) is not None
+                   for task in self.tasks for path, entry in self.delta(task).entries.items())
 
 
 def load_bundle(root: Path, expect_backbone: str | None = None) -> Bundle:

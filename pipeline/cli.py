@@ -1,4 +1,5 @@
-"""``taskfold`` command line: run a config through the stages, inspect a bundle."""
+"""``taskfold`` command line: run a config through the stages, inspect a bundle, bench a run's
+deployment forms on this machine."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,33 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from exporters.bench import bench_forms
+    from pipeline.deploy_report import forms_table
+    from pipeline.io import read_json, write_json
+
+    run = Path(args.run_dir)
+    forms_file, cfg_file = run / "exports" / "forms.json", run / "config.resolved.json"
+    for f in (forms_file, cfg_file):
+        if not f.is_file():
+            raise ConfigError(f"{f}: not found; run `taskfold run CONFIG` with export.forms first")
+    cfg = read_json(cfg_file)
+    bench = cfg["bench"]
+    name = args.name or args.provider
+    res = bench_forms(run / "exports", read_json(forms_file), cfg["backbone"]["image_size"],
+                      args.batch_sizes or bench["batch_sizes"], bench["warmup"] if args.warmup is None else args.warmup,
+                      args.runs or bench["runs"], args.threads or cfg["run"]["threads"], PROVIDERS[args.provider],
+                      memory=not args.no_memory and args.provider == "cpu")
+    out = run / "bench" / f"{name}.json"
+    write_json(out, res)
+    print("\n".join(forms_table(res)))
+    print(f"wrote {out}; `taskfold run` (report stage) adds it to report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="taskfold", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="print the storage table of a bundle")
     i.add_argument("bundle", help="bundle directory (runs/<name>/bundles/<method>)")
     i.set_defaults(fn=_inspect)
+    b = sub.add_parser("bench", help="time every deployment form of a finished run on this machine")
+    b.add_argument("run_dir", help="a run directory (runs/<name>) whose export stage wrote exports/forms.json")
+    b.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="onnxruntime execution provider")
+    b.add_argument("--name", help="name of this measurement in bench/ and the report (default: the provider)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", help="default: the run's bench.batch_sizes")
+    b.add_argument("--runs", type=int, help="timed runs per target (default: the run's bench.runs)")
+    b.add_argument("--warmup", type=int, help="untimed runs per target first")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: the run's run.threads)")
+    b.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes (CPU only anyway)")
+    b.set_defaults(fn=_bench)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

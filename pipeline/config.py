@@ -89,15 +89,22 @@ class TrainConfig(Strict):
     recalibrate_norms: bool = Field(True, description="re-estimate BatchNorm statistics on the train split at the end")
 
 
+DeployForm = Literal["shared", "switch", "branch", "fp16", "int8"]
+
+
 class ExportConfig(Strict):
     onnx: bool = True
     opset: int = Field(18, ge=13)
+    # deployment forms besides the merged model (see exporters/deploy.py); [] = merged only
+    forms: list[DeployForm] = Field(default_factory=lambda: ["shared", "switch", "branch", "fp16", "int8"])
+    calibration_images: int = Field(64, ge=1, description="train images per task that calibrate INT8")
 
 
 class BenchConfig(Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    forms: bool = Field(True, description="also time every deployment form, task switches and resident memory")
 
 
 class MethodEntry(Strict):

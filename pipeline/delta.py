@@ -66,6 +66,12 @@ class Delta:
         without changing it (shared-plus-delta form). None: the kind replaces the module."""
         return None
 
+    def branch(self, module: nn.Module) -> nn.Module | None:
+        """A module that computes this task's output from the *unchanged* base ``module`` plus a
+        small side computation (a low-rank branch), so the base weights stay shared in a
+        deployed graph. None: no such form; the exporter merges the delta instead."""
+        return None
+
     def params(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
 
@@ -203,6 +209,56 @@ class LowRank(Delta):
         with torch.no_grad():
             weight.add_(self.dense(weight).to(weight.dtype))
         return module
+
+    def branch(self, module: nn.Module) -> nn.Module | None:
+        """A whole-weight delta on an ungrouped conv or a linear layer runs as a side branch
+        (see ``LowRankBranch``). Grouped/depthwise convs and row blocks (attention) have no
+        cheaper branch, so they are merged."""
+        if len(self.parts) != 1 or self.parts[0].rows is not None:
+            return None
+        factors = self.parts[0].factors
+        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.out_channels > 1:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            axes = [n for n in (module.out_channels, module.in_channels, k) if n != 1]
+        elif isinstance(module, nn.Linear) and module.out_features > 1:
+            axes = [n for n in (module.out_features, module.in_features) if n != 1]
+        else:
+            return None
+        if len(axes) < 2 or [f.shape[1] for f in factors] != axes:
+            return None
+        return LowRankBranch(module, factors)
+
+
+class LowRankBranch(nn.Module):
+    """``base(x) + up(down(x))``: the base layer untouched, plus a rank-R branch equal to the CP
+    delta. ``down`` has the base layer's geometry (kernel, stride, padding, dilation) with R
+    outputs and rank-1 kernels ``b_r o c_r``; ``up`` is a 1x1 map R -> C_out with ``a_r``.
+    Costs R (C_in k^2 + C_out) multiply-adds per output position instead of none for a merged
+    weight, and stores R (C_in k^2 + C_out) values instead of a dense C_out C_in k^2 delta."""
+
+    def __init__(self, base: nn.Module, factors: list[torch.Tensor]):
+        super().__init__()
+        import copy
+
+        self.base = base
+        a, rest = factors[0], factors[1:]
+        rank = a.shape[0]
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+            kernel_shape = (rank, base.in_features)
+        else:
+            self.down = copy.deepcopy(base)  # keeps the layer's own padding logic (timm same-padding too)
+            self.down.out_channels, self.down.bias = rank, None
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+            kernel_shape = (rank, *base.weight.shape[1:])
+        with torch.no_grad():
+            down = rest[0] if len(rest) == 1 else torch.einsum("ri,rk->rik", rest[0], rest[1])
+            self.down.weight = nn.Parameter(down.reshape(kernel_shape).clone())
+            self.up.weight = nn.Parameter(a.t().reshape(self.up.weight.shape).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
 
 
 @dataclass

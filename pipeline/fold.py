@@ -18,15 +18,19 @@ from pipeline.backbones import TaskNet
 from pipeline.delta import TaskDelta
 
 
-def merge(base: TaskNet, delta: TaskDelta) -> TaskNet:
-    """Apply every entry of ``delta`` to a copy of ``base``; the base is left untouched."""
+def merge(base: TaskNet, delta: TaskDelta, branches: bool = False) -> TaskNet:
+    """Apply every entry of ``delta`` to a copy of ``base``; the base is left untouched.
+    ``branches``: entries that offer a side branch (``Delta.branch``) keep the base layer and
+    add the branch instead of changing its weight, so the base weights stay shared."""
     model = copy.deepcopy(base)
     for path, entry in delta.entries.items():
         try:
             module = model.get_submodule(path)
         except AttributeError:
             raise KeyError(f"task {delta.task!r}: delta entry {path!r} names no module of this backbone") from None
-        new = entry.apply(module)
+        new = entry.branch(module) if branches else None
+        if new is None:
+            new = entry.apply(module)
         if new is not module:
             model.set_submodule(path, new)
     return model.eval()

@@ -6,12 +6,15 @@ from pathlib import Path
 from statistics import mean
 from typing import TYPE_CHECKING
 
+from pipeline.deploy_report import plot_storage_vs_latency
+from pipeline.deploy_report import section as deploy_section
 from pipeline.io import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:
     from pipeline.run import Runner
 
 SCHEMA = "taskfold-results/1"
+DEPLOY_PLOT = "Deployment: storage against latency"
 
 
 def collect(r: "Runner") -> dict:
@@ -57,8 +60,18 @@ def collect(r: "Runner") -> dict:
                  "latency": {b: v["base"] for b, v in latency.items() if "base" in v},
                  "latency_repeat": {b: v["base_repeat"] for b, v in latency.items() if "base_repeat" in v}},
         "methods": methods,
+        "deployment": deployment(r.out, bench.get("deploy"), export.get("form_checks", {})),
         "stage_seconds": r.timings,
     }
+
+
+def deployment(out: Path, deploy: dict | None, checks: dict) -> dict:
+    """The bench stage's measurements of every form on this machine, plus any ``taskfold bench``
+    results saved in ``bench/`` (another device: a GPU machine, an edge board)."""
+    devices = {"this run (bench stage)": deploy} if deploy else {}
+    for p in sorted((Path(out) / "bench").glob("*.json")):
+        devices[p.stem] = read_json(p)
+    return {"devices": devices, "checks": checks}
 
 
 def sweeps(res: dict) -> list[dict]:
@@ -142,6 +155,7 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
                                                                       for n, k, d in zip(m["tasks"], on, layers))]
     for sweep in sweeps(res):
         lines += ["", f"## Sweep: {sweep['method']} over {sweep['param']}", ""] + _sweep_table(res, sweep)
+    lines += deploy_section(res["deployment"], plots.pop(DEPLOY_PLOT, None))
     for title, rel in plots.items():
         lines += ["", f"## {title}", "", f"![{title}]({rel})"]
     lines += ["", f"Stage wall times (s): {res['stage_seconds']}", ""]
@@ -237,6 +251,11 @@ def write_report(r: "Runner") -> dict:
             rel = f"plots/layer_map_{label}.png"
             plot_layer_map(label, m, r.out / rel)
             plots[f"{label}: task-specific layers"] = rel
+    devices = res["deployment"]["devices"]
+    if devices:
+        rel = "plots/deployment_storage_vs_latency.png"
+        plot_storage_vs_latency(next(iter(devices.values())), r.out / rel)
+        plots[DEPLOY_PLOT] = rel
     write_json(r.out / "results.json", res)
     with atomic_path(r.out / "report.md") as tmp:
         tmp.write_text(markdown(res, plots))

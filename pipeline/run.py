@@ -232,8 +232,29 @@ class Runner:
                 outputs.append(rel)
                 self.log(f"export {rel}: max |onnx - torch| {check['max_abs_diff']:.2e}, "
                          f"argmax agreement {check['argmax_agree']:.4f} on {check['images']} test images")
+        forms = {}
+        if c.export.forms:
+            forms = self._export_forms(exporter)
+            outputs.append("exports/forms.json")
         self.log(f"export: {len(outputs)} ONNX files from {exporter.traces} trace(s)")
-        return self._save_record("export", h, outputs, parity=results, traces=exporter.traces)
+        return self._save_record("export", h, outputs, parity=results, traces=exporter.traces, **forms)
+
+    def _export_forms(self, exporter) -> dict:
+        from exporters.deploy import FormBuilder
+
+        c = self.cfg
+        self.log(f"export: deployment forms {', '.join(c.export.forms)}")
+        images = {}
+        for t in c.tasks:
+            calib = self._images(t.name, "train")[: c.export.calibration_images].numpy()
+            images[t.name] = (calib, self._images(t.name).numpy(), self.data(t.name).test.labels.numpy())
+        bundles = {m.label: load_bundle(self.out / "bundles" / m.label, expect_backbone=c.backbone.name)
+                   for m in c.methods}
+        built = FormBuilder(self.out / "exports", exporter, c.export.forms, c.run.threads, self.log).build(bundles, images)
+        for key, check in built["checks"].items():
+            acc = f", accuracy {check['reference_accuracy']:.4f} -> {check['accuracy']:.4f}" if "accuracy" in check else ""
+            self.log(f"  {key}: max diff {check['max_abs_diff']:.2e}, argmax agreement {check['argmax_agree']:.4f}{acc}")
+        return {"forms": built["forms"], "form_checks": built["checks"]}
 
     def stage_bench(self) -> dict:
         c = self.cfg
@@ -261,7 +282,15 @@ class Runner:
             for k, r in res.items():
                 r["ratio_to_base"] = r["median_ms"] / base
             latency[f"batch{bs}"] = res
-        return self._save_record("bench", h, [], latency=latency, threads=c.run.threads)
+        del sessions
+        deploy = {}
+        forms = self.record("export").get("forms")
+        if c.bench.forms and forms:
+            from exporters.bench import bench_forms
+
+            deploy = bench_forms(self.out / "exports", forms, c.backbone.image_size, c.bench.batch_sizes,
+                                 c.bench.warmup, c.bench.runs, c.run.threads, log=self.log)
+        return self._save_record("bench", h, [], latency=latency, threads=c.run.threads, deploy=deploy)
 
     def stage_report(self) -> dict:
         from pipeline.report import write_report

@@ -48,7 +48,8 @@ def tiny_config(tmp_path, **over) -> dict:
         ],
         "methods": ["finetune", "linear_probe", "norm_head", {"name": "taps", "lam": 1.0}, {"name": "ftn", "rank": 2}],
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-        "bench": {"warmup": 1, "runs": 5, "batch_sizes": [1, 4]},
+        "bench": {"warmup": 1, "runs": 5, "batch_sizes": [1, 4], "forms": False},
+        "export": {"forms": []},  # deployment forms have their own tests (test_deploy.py)
     }
     cfg.update(over)
     return cfg

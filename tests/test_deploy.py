@@ -1,0 +1,192 @@
+"""Deployment forms: shared external data, shared initializers, adapter switching, low-rank
+branches, edge variants, and the bench that measures them."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from exporters.deploy import AdapterTarget
+from exporters.forms import BASE_DATA, FormError, SharedWeights, SharedWriter, external_info, to_fp16, to_int8
+from exporters.latency import runner
+from exporters.onnx import OnnxExporter, session
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.data import normalise
+from pipeline.delta import CPPart, LowRank
+from pipeline.io import read_json
+from pipeline.run import Runner
+from tests.conftest import tiny_config
+
+
+def _task_model(bb, seed: int, classes: int = 10, touch_convs: bool = True):
+    """A base copy with a new head, new norms, and (optionally) changed conv weights."""
+    model = bb.task_net(classes, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.1)
+                m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            if touch_convs and isinstance(m, nn.Conv2d):
+                m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture()
+def graphs(tmp_path, backbones, digits16):
+    """Base + two tasks of the tiny convnet as ONNX: one with its own convs, one sharing them."""
+    bb, size = backbones["tiny_convnet"]
+    exporter = OnnxExporter(size)
+    paths = {"base": exporter.export(bb.task_net(10, seed=0).eval(), tmp_path / "base.onnx"),
+             "own_convs": exporter.export(_task_model(bb, 1), tmp_path / "own_convs.onnx"),
+             "norms_only": exporter.export(_task_model(bb, 2, touch_convs=False), tmp_path / "norms_only.onnx")}
+    x = normalise(digits16.test.images, bb.mean, bb.std).numpy()
+    return paths, x
+
+
+def _ref(path, x):
+    return runner(session(path, 1))(x)[0]
+
+
+def test_shared_form_writes_the_base_once_and_every_task_reads_it(tmp_path, graphs):
+    paths, x = graphs
+    out = tmp_path / "shared"
+    w = SharedWriter(out, onnx.load(str(paths["base"])), inline_bytes=0)
+    info = {t: w.write_graph(t, onnx.load(str(paths[t]))) for t in ("own_convs", "norms_only")}
+    assert [p.name for p in out.glob("*.data")].count(BASE_DATA) == 1
+    # the task that kept the base convs stores less of its own and points more into base.data
+    assert info["norms_only"]["shared_tensors"] > info["own_convs"]["shared_tensors"]
+    assert info["norms_only"]["data_bytes"] < info["own_convs"]["data_bytes"]
+    g = onnx.load(str(out / "norms_only.onnx"), load_external_data=False)
+    locations = {external_info(i)["location"] for i in g.graph.initializer}
+    assert locations == {BASE_DATA, "norms_only.data"}
+    weights = SharedWeights(out)
+    shared = {t: weights.initializers(out / f"{t}.onnx") for t in info}
+    common = set(shared["own_convs"]) & set(shared["norms_only"])
+    assert common and all(shared["own_convs"][n] is shared["norms_only"][n] for n in common)  # one copy in memory
+    for t in info:
+        got = runner(session(out / f"{t}.onnx", 1, initializers=shared[t]))(x)[0]
+        np.testing.assert_array_equal(got, _ref(paths[t], x))
+        plain = runner(session(out / f"{t}.onnx", 1))(x)[0]  # also loadable without sharing
+        np.testing.assert_array_equal(plain, got)
+
+
+def test_switch_form_adapters_reproduce_each_task(tmp_path, graphs):
+    paths, x = graphs
+    out = tmp_path / "shared"
+    w = SharedWriter(out, onnx.load(str(paths["base"])), inline_bytes=0)
+    tasks = {t: onnx.load(str(paths[t])) for t in ("own_convs", "norms_only")}
+    info = w.write_switch("m", tasks, onnx.load(str(paths["base"])))
+    assert "head.weight" in info["inputs"] and info["adapters"]["norms_only"]["bytes"] > 0
+    sess = session(out / "m.switch.onnx", 1, initializers=SharedWeights(out).initializers(out / "m.switch.onnx"))
+    for t in tasks:  # one session, each task by its adapter, in turn
+        got = AdapterTarget(sess, out / info["adapters"][t]["file"])(x)[0]
+        np.testing.assert_allclose(got, _ref(paths[t], x), atol=1e-5)
+
+
+def test_switch_form_handles_heads_of_different_sizes(tmp_path, backbones, digits16):
+    bb, size = backbones["tiny_convnet"]
+    exporter = OnnxExporter(size)
+    a = exporter.export(_task_model(bb, 1, classes=10), tmp_path / "a.onnx")
+    b = exporter.export(_task_model(bb, 2, classes=4), tmp_path / "b.onnx")
+    w = SharedWriter(tmp_path / "s", onnx.load(str(a)), inline_bytes=0)
+    # different head shapes are different traces: same nodes still, so the switch form works
+    info = w.write_switch("m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
+    sess = session(tmp_path / "s" / "m.switch.onnx", 1)
+    x = normalise(digits16.test.images[:5], bb.mean, bb.std).numpy()
+    out_b = AdapterTarget(sess, tmp_path / "s" / info["adapters"]["b"]["file"])(x)[0]
+    assert out_b.shape == (5, 4)
+    np.testing.assert_allclose(out_b, _ref(b, x), atol=1e-5)
+
+
+def test_switch_form_refuses_graphs_of_different_structure(tmp_path, backbones):
+    bb, size = backbones["tiny_convnet"]
+    vit, vsize = backbones["tiny_vit"]
+    a = OnnxExporter(size).export(bb.task_net(10).eval(), tmp_path / "a.onnx")
+    b = OnnxExporter(vsize).export(vit.task_net(10).eval(), tmp_path / "b.onnx")
+    w = SharedWriter(tmp_path / "s", onnx.load(str(a)))
+    with pytest.raises(FormError, match="differ in structure"):
+        w.write_switch("m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
+
+
+@pytest.mark.parametrize("layer, axes", [
+    (nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False), [5, 6, 9]),
+    (nn.Conv2d(6, 5, 1, bias=True), [5, 6]),
+    (nn.Linear(7, 4), [4, 7]),
+])
+def test_lowrank_branch_equals_the_merged_layer(layer, axes):
+    torch.manual_seed(0)
+    delta = LowRank([CPPart([torch.randn(3, n) * 0.1 for n in axes])])
+    x = torch.randn(2, 6, 8, 8) if isinstance(layer, nn.Conv2d) else torch.randn(2, 7)
+    branch = delta.branch(layer)
+    assert branch is not None
+    merged = delta.apply(copy.deepcopy(layer))
+    torch.testing.assert_close(branch(x), merged(x), atol=1e-5, rtol=1e-5)
+    assert branch.base is layer  # the base layer is kept as it is: its weights stay shared
+    own = sum(p.numel() for n, p in branch.named_parameters() if not n.startswith("base."))
+    assert own == 3 * (axes[0] + int(np.prod(axes[1:])))  # R (C_out + C_in k^2)
+
+
+def test_grouped_convs_have_no_branch():
+    dw = nn.Conv2d(6, 6, 3, groups=6, bias=False)
+    assert LowRank([CPPart([torch.randn(2, 6), torch.randn(2, 9)])]).branch(dw) is None
+
+
+def test_edge_variants_run_and_stay_close(tmp_path, graphs):
+    paths, x = graphs
+    fp16 = to_fp16(paths["own_convs"], tmp_path / "m.fp16.onnx")
+    int8 = to_int8(paths["own_convs"], tmp_path / "m.int8.onnx", x[:32])
+    ref = _ref(paths["own_convs"], x)
+    g16 = onnx.load(str(fp16))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g16.graph.initializer)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
+    for path in (fp16, int8):
+        got = _ref(path, x)
+        assert got.shape == ref.shape and np.isfinite(got).all()
+        assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()  # sanity, not an accuracy claim
+
+
+def test_run_builds_checks_and_benches_every_form(tmp_path):
+    cfg = tiny_config(tmp_path, methods=["norm_head", {"name": "ftn", "rank": 2}],
+                      export={"forms": ["shared", "switch", "branch", "fp16", "int8"], "calibration_images": 16},
+                      bench={"warmup": 1, "runs": 3, "batch_sizes": [2], "forms": True})
+    cfg["backbone"]["kwargs"] = {"width": 32}  # convs large enough to leave the graph for base.data
+    out = tmp_path / "run"
+    Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run()
+    exports = out / "exports"
+    forms = read_json(exports / "forms.json")
+    assert set(forms["methods"]["ftn"]) == {"merged", "shared", "switch", "branch", "branch_switch", "fp16", "int8"}
+    assert "branch" not in forms["methods"]["norm_head"]  # no low-rank deltas, no branch form
+    checks = read_json(out / "stages" / "export.json")["form_checks"]
+    for key, c in checks.items():
+        if key.split("/")[-1] in ("shared", "switch", "branch", "branch_switch", "branch_torch"):
+            assert c["max_abs_diff"] < 1e-4 and c["argmax_agree"] == 1.0, (key, c)
+        else:
+            assert 0 <= c["accuracy"] <= 1
+    deploy = read_json(out / "stages" / "bench.json")["deploy"]
+    for label, rows in deploy["methods"].items():
+        for form, row in rows.items():
+            spec = forms["methods"][label][form]
+            assert row["bytes"] == sum((exports / f).stat().st_size for f in spec["files"])  # ledger == disk
+            assert row["resident_mb"] > 0 and row["switch_ms"] > 0
+    nh = deploy["methods"]["norm_head"]
+    assert nh["shared"]["bytes"] < nh["merged"]["bytes"]  # norms and head only, the convs in base.data once
+    assert deploy["methods"]["ftn"]["branch"]["bytes"] < deploy["methods"]["ftn"]["shared"]["bytes"]
+    # the CLI re-measures the same run and the report shows both
+    assert main(["bench", str(out), "--runs", "2", "--batch-sizes", "1", "--no-memory", "--name", "again"]) == 0
+    assert "batch1" in read_json(out / "bench" / "again.json")["base"]
+    Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run()
+    report = (out / "report.md").read_text()
+    assert "## Deployment" in report and "### again" in report and "Edge variants" in report
+    assert json.loads((out / "results.json").read_text())["deployment"]["devices"]
+
+
+def test_bench_needs_a_run_with_forms(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "forms.json: not found" in capsys.readouterr().err
