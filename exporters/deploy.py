@@ -84,6 +84,14 @@ class FormBuilder:
         self.forms = [f for f in FORMS if f in forms]
         self.threads = threads
         self.log = log
+        self._merged_logits: dict[tuple[str, str], np.ndarray] = {}
+
+    def merged_logits(self, label: str, task: str, x: np.ndarray) -> np.ndarray:
+        """The merged model's test logits, the reference of every other form: computed once."""
+        if (label, task) not in self._merged_logits:
+            path = self.exports / label / f"{task}.onnx"
+            self._merged_logits[label, task] = _logits(session(path, self.threads), x)
+        return self._merged_logits[label, task]
 
     def build(self, bundles: dict, images: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
         manifest: dict = {"methods": {}}
@@ -120,7 +128,7 @@ class FormBuilder:
     def _sessions(self, files: dict[str, str], shared: bool, extra: list[str] = ()) -> dict:
         listed = sorted(set(files.values()) | set(extra))
         return {"kind": "sessions", "shared_weights": shared, "tasks": files, "files": listed,
-                "bytes": sum((self.exports / f).stat().st_size for f in listed if (self.exports / f).exists())}
+                "bytes": sum((self.exports / f).stat().st_size for f in listed)}
 
     def _shared(self, writer: SharedWriter, name: str, graphs: dict[str, onnx.ModelProto]) -> dict:
         files, detail = {}, {}
@@ -166,7 +174,7 @@ class FormBuilder:
             files[t] = rel
             _, x, y = images[t]
             checks[f"{label}/{t}/{variant}"] = compare_logits(
-                _logits(session(src, self.threads), x), _logits(session(self.exports / rel, self.threads), x), y)
+                self.merged_logits(label, t, x), _logits(session(self.exports / rel, self.threads), x), y)
         return self._sessions(files, shared=False)
 
     def _check_shared(self, folder: Path, manifest: dict, images, checks) -> None:
@@ -183,7 +191,7 @@ class FormBuilder:
                 for t, rel in spec["tasks"].items():
                     x = images[t][1]
                     if ref_form == "merged":
-                        ref = _logits(session(self.exports / label / f"{t}.onnx", self.threads), x)
+                        ref = self.merged_logits(label, t, x)
                     else:
                         g = folder / Path(forms["branch"]["tasks"][t]).name
                         ref = _logits(session(g, self.threads, initializers=weights.initializers(g)), x)
