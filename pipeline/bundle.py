@@ -74,6 +74,10 @@ def read_delta(path: Path) -> TaskDelta:
 def write_bundle(out: Path, backbone: Backbone, backbone_info: dict, deltas: list[TaskDelta],
                  method: dict, num_classes: dict[str, int]) -> dict:
     """Write a complete bundle atomically (temp dir, then rename); return its manifest."""
+    names = {d.task for d in deltas}
+    for d in deltas:
+        if missing := d.references() - names:
+            raise BundleError(f"task {d.task!r} points to {sorted(missing)}, which this bundle would not hold")
     with atomic_dir(Path(out)) as tmp:
         (tmp / "tasks").mkdir()
         state = base_state(backbone)
@@ -109,6 +113,16 @@ class Bundle:
         return list(self.manifest["tasks"])
 
     def delta(self, task: str) -> TaskDelta:
+        """The task's delta, linked to the tasks it borrows rows from (channel-select pointers)."""
+        d = self._read(task)
+        refs = d.references()
+        unknown = refs - set(self.tasks)
+        if unknown:
+            raise BundleError(f"{self.root / self.manifest['tasks'][task]['file']}: points to {sorted(unknown)}, "
+                              f"which are not tasks of this bundle ({self.tasks})")
+        return d.link({name: self._read(name) for name in refs})
+
+    def _read(self, task: str) -> TaskDelta:
         if task not in self.manifest["tasks"]:
             raise BundleError(f"{self.root}: no task {task!r}; tasks: {self.tasks}")
         return read_delta(self.root / self.manifest["tasks"][task]["file"])

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from pipeline.deploy_report import plot_storage_vs_latency
 from pipeline.deploy_report import section as deploy_section
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.sharing_report import plot_relation, relation
+from pipeline.sharing_report import table as relation_table
 
 if TYPE_CHECKING:
     from pipeline.run import Runner
@@ -42,6 +44,8 @@ def collect(r: "Runner") -> dict:
                 "storage": {k: store.get(k) for k in ("params", "bits", "bytes_on_disk", "fraction_of_base")},
                 "describe": res["describe"],
             }
+            if "passes" in res:  # multi-pass methods: every pass's accuracy and size, and the one kept
+                tasks[t.name] |= {"passes": res["passes"], "kept": res["kept"]}
         ratios = [v["ratio_to_base"] for t in tasks.values() for v in t["latency"].values()]
         methods[m.label] = {
             "method": m.name,
@@ -52,6 +56,8 @@ def collect(r: "Runner") -> dict:
             "bundle_bytes": ledger.get("total", {}).get("bytes_on_disk"),
             "mean_latency_ratio": mean(ratios) if ratios else None,
         }
+        if rel := relation(methods[m.label]):
+            methods[m.label]["relation"] = rel
     return {
         "schema": SCHEMA,
         "config": c.to_jsonable(),
@@ -153,6 +159,17 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
             on = [sum(d["gated_on"]) for d in layers]
             lines += ["", "Task-specific layers per task: " + ", ".join(f"{n}: {k}/{len(d['gated_on'])}"
                                                                       for n, k, d in zip(m["tasks"], on, layers))]
+        if "relation" in m:
+            lines += ["", "Where each task's channels come from (% of its shared-layer channels; a borrowed row counts "
+                          "for the task that trained it):", ""] + relation_table(m["relation"])
+        if any("passes" in t for t in m["tasks"].values()):
+            lines += ["", "Passes over the tasks (multi-task mode): test accuracy / stored params per pass; "
+                          "kept = best validation.", "", "| task | " + " | ".join(
+                              f"pass {p['pass']}" for p in next(iter(m["tasks"].values()))["passes"]) + " | kept |",
+                      "|---|" + "---|" * (len(next(iter(m["tasks"].values()))["passes"]) + 1)]
+            for name, t in m["tasks"].items():
+                lines.append(f"| {name} | " + " | ".join(f"{p['test_acc']:.4f} / {p['params']:,}" for p in t["passes"])
+                             + f" | {t['kept']} |")
     for sweep in sweeps(res):
         lines += ["", f"## Sweep: {sweep['method']} over {sweep['param']}", ""] + _sweep_table(res, sweep)
     lines += deploy_section(res["deployment"], plots.pop(DEPLOY_PLOT, None))
@@ -251,6 +268,10 @@ def write_report(r: "Runner") -> dict:
             rel = f"plots/layer_map_{label}.png"
             plot_layer_map(label, m, r.out / rel)
             plots[f"{label}: task-specific layers"] = rel
+        if "relation" in m:
+            rel = f"plots/task_relation_{label}.png"
+            plot_relation(label, m["relation"], r.out / rel)
+            plots[f"{label}: where each task's channels come from"] = rel
     devices = res["deployment"]["devices"]
     if devices:
         rel = "plots/deployment_storage_vs_latency.png"

@@ -9,6 +9,7 @@ Run dir layout::
     config.resolved.json
     prepared/<task>.safetensors           uint8 images + labels per split
     train/<label>/<task>/{checkpoint.pt, delta.safetensors, result.json}
+    train/<label>/<task>/pass<p>/...        methods that pass over the tasks more than once
     bundles/<label>/                      see pipeline.bundle
     exports/base.onnx, exports/<label>/<task>.onnx
     stages/<stage>.json                   input hash + what the stage measured
@@ -16,6 +17,7 @@ Run dir layout::
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -131,42 +133,90 @@ class Runner:
             self.log(f"  {t.name}: {tasks[t.name]}")
         return self._save_record("prepare", h, outputs, tasks=tasks)
 
-    def _unit_hash(self, label: str, task: str) -> str:
+    def _unit_hash(self, label: str, task: str, earlier: list[str] = (), pass_: int = 1) -> str:
+        """A unit's input hash; ``earlier``: the hashes of the units it borrows from (pool methods)."""
         entry = next(m for m in self.cfg.to_jsonable()["methods"] if m["label"] == label)
+        extra = [list(earlier), pass_] if earlier or pass_ > 1 else []
         return self.cfg.section_hash("train", self.hashes["prepare"], entry, task, self.cfg.train.model_dump(),
-                                     self.cfg.run.seed)
+                                     self.cfg.run.seed, *extra)
+
+    def _unit_dir(self, label: str, task: str, pass_: int, passes: int) -> Path:
+        unit = self.out / "train" / label / task
+        return unit if passes == 1 else unit / f"pass{pass_}"
 
     def stage_train(self) -> dict:
         c = self.cfg
         units = {}
         for m in c.methods:
-            for t in c.tasks:
-                unit = self.out / "train" / m.label / t.name
-                h = self._unit_hash(m.label, t.name)
-                res = unit / "result.json"
-                if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
-                    self.log(f"train {m.label}/{t.name}: up to date, skipped")
-                else:
-                    self._train_unit(m, t.name, unit, h)
-                units[f"{m.label}/{t.name}"] = h
+            units.update(self._train_method(m))
         self.hashes["train"] = c.section_hash(units)
         return {"units": units}
 
-    def _train_unit(self, m, task: str, unit: Path, h: str) -> None:
-        c = self.cfg
+    def _train_method(self, m) -> dict[str, str]:
+        """Train every task of one method entry, pass after pass; a pool method's unit sees the
+        versions trained before it and borrows from the one each task keeps (best validation)."""
         method = build_method(m.name, m.params)
+        passes = method.passes
+        versions, kept, units, chain = {}, {}, {}, []
+        history: dict[str, list[dict]] = {}
+        for p in range(1, passes + 1):
+            for t in self.cfg.tasks:
+                unit = self._unit_dir(m.label, t.name, p, passes)
+                h = self._unit_hash(m.label, t.name, chain if method.uses_pool else [], p)
+                res = unit / "result.json"
+                tag = f"{m.label}/{t.name}" + (f" pass {p}/{passes}" if passes > 1 else "")
+                if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
+                    self.log(f"train {tag}: up to date, skipped")
+                else:
+                    pool = [kept[k][0] for k in kept] if method.uses_pool else []
+                    self._train_unit(m, build_method(m.name, m.params), t.name, unit, h, tag, versions, pool)
+                vid = f"{t.name}@{p}"
+                versions[vid] = read_delta(unit / "delta.safetensors").link(versions)
+                result = read_json(res)
+                history.setdefault(t.name, []).append({"pass": p, "version": vid, **{
+                    k: result[k] for k in ("val_acc", "test_acc", "train_seconds")}, "params": versions[vid].params()})
+                if t.name not in kept or result["val_acc"] > kept[t.name][1]:
+                    kept[t.name] = (vid, result["val_acc"], unit)
+                units[f"{m.label}/{t.name}" + (f"/pass{p}" if passes > 1 else "")] = h
+                chain.append(h)
+        if passes > 1:
+            for t, (vid, _, unit) in kept.items():
+                best = read_json(unit / "result.json")
+                write_json(self.out / "train" / m.label / t / "result.json",
+                           best | {"kept": vid, "passes": history[t]})
+        return units
+
+    def _versions(self, m) -> tuple[object, dict[str, str], dict]:
+        """(method, task -> kept version id, every version's delta, linked) of a trained entry."""
+        method = build_method(m.name, m.params)
+        passes = method.passes
+        versions = {}
+        for p in range(1, passes + 1):
+            for t in self.cfg.tasks:
+                unit = self._unit_dir(m.label, t.name, p, passes)
+                versions[f"{t.name}@{p}"] = read_delta(unit / "delta.safetensors")
+        for d in versions.values():
+            d.link(versions)
+        final = {t.name: read_json(self.out / "train" / m.label / t.name / "result.json").get("kept", f"{t.name}@1")
+                 for t in self.cfg.tasks}
+        return method, final, versions
+
+    def _train_unit(self, m, method, task: str, unit: Path, h: str, tag: str, versions: dict, pool: list[str]) -> None:
+        c = self.cfg
         schedule = Schedule(m.epochs or c.train.epochs, c.train.batch_size, m.lr or c.train.lr,
                             c.train.momentum, c.train.weight_decay, c.train.head_lr_scale,
                             c.train.recalibrate_norms)
         data = self.data(task)
-        self.log(f"train {m.label}/{task}: {schedule.epochs} epochs, lr {schedule.lr}, {len(data.train)} images")
-        outcome = train_task(self.backbone, data, method, schedule, c.run.seed, unit, h, self.progress)
+        self.log(f"train {tag}: {schedule.epochs} epochs, lr {schedule.lr}, {len(data.train)} images"
+                 + (f", pool: base + {', '.join(pool)}" if pool else ""))
+        outcome = train_task(self.backbone, data, method, schedule, c.run.seed, unit, h, self.progress,
+                             versions=versions, pool=pool)
         if outcome.resumed_from_epoch:
             self.log(f"  resumed from epoch {outcome.resumed_from_epoch}")
         delta = method.task_delta(outcome.model, task)
         check = compare(outcome.model, merge(self.backbone.base_net(), delta), self._images(task)[:256])
         if check["max_abs_diff"] > FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
-            raise FoldError(f"{m.label}/{task}: merged model differs from the adapted one: {check}")
+            raise FoldError(f"{tag}: merged model differs from the adapted one: {check}")
         with atomic_path(unit / "delta.safetensors") as tmp:
             write_delta(tmp, delta)
         result = {
@@ -179,7 +229,8 @@ class Runner:
         }
         write_json(unit / "result.json", result)
         (unit / "checkpoint.pt").unlink(missing_ok=True)
-        self.log(f"  {m.label}/{task}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
+        shutil.rmtree(unit / "scratch", ignore_errors=True)
+        self.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
 
     def stage_fold(self) -> dict:
         c = self.cfg
@@ -191,10 +242,11 @@ class Runner:
         prepared = self.record("prepare")["tasks"]
         bundles = {}
         for m in c.methods:
-            deltas = [read_delta(self.out / "train" / m.label / t.name / "delta.safetensors") for t in c.tasks]
+            method, final, versions = self._versions(m)
             manifest = write_bundle(
                 self.out / "bundles" / m.label, self.backbone,
-                backbone_id(self.backbone, c.backbone.weights, c.backbone.image_size), deltas,
+                backbone_id(self.backbone, c.backbone.weights, c.backbone.image_size),
+                method.bundle_deltas(final, versions),
                 {"name": m.name, "label": m.label, "params": m.params.model_dump(mode="json")},
                 {t.name: prepared[t.name]["num_classes"] for t in c.tasks},
             )

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from pipeline.backbones import Backbone, TaskNet
 from pipeline.data import Split, TaskData, normalise
 from pipeline.io import atomic_path
-from pipeline.methods.base import Method
+from pipeline.delta import TaskDelta
+from pipeline.methods.base import Method, TrainContext
 
 
 # NHWC is ~15% faster per CPU training step for EfficientNet-Lite0's depthwise convs
@@ -62,12 +63,16 @@ def evaluate(model: TaskNet, split: Split, mean, std, batch_size: int = 256) -> 
 
 def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Schedule, seed: int,
                workdir: Path | None = None, signature: str = "", progress: bool = True,
-               stop_after_epoch: int | None = None) -> TrainOutcome:
+               stop_after_epoch: int | None = None, versions: dict[str, TaskDelta] | None = None,
+               pool: list[str] | None = None) -> TrainOutcome:
     """Train ``method`` on ``data``; checkpoint to ``workdir/checkpoint.pt`` after every epoch.
 
     ``signature`` identifies the run (config hash); a checkpoint with another signature is
     refused rather than silently mixed in. ``stop_after_epoch`` ends early (tests of resume).
+    ``versions``/``pool``: earlier units' deltas, for methods that borrow from them.
     """
+    method.setup(TrainContext(backbone, data, schedule, seed, Path(workdir) if workdir is not None else None,
+                              signature, progress, dict(versions or {}), list(pool or [])))
     torch.manual_seed(seed)
     model = backbone.task_net(data.num_classes, seed).to(memory_format=MEMORY_FORMAT)
     method.prepare(model)
@@ -96,6 +101,7 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     for epoch in range(start, schedule.epochs):
         torch.manual_seed(seed * 7919 + epoch)
         gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+        method.start_epoch(model, epoch)
         method.train_mode(model)
         total, count = 0.0, 0
         bar = tqdm(data.train.batches(schedule.batch_size, gen), total=steps_per_epoch, disable=not progress,

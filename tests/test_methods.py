@@ -9,14 +9,17 @@ import torch.nn.functional as F
 from pipeline.data import normalise
 from pipeline.fold import compare, merge
 from pipeline.methods import REGISTRY, build_method
+from pipeline.methods.base import TrainContext
 from pipeline.methods.taps import TapsConfig, gates
+from pipeline.train import Schedule
 
-METHODS = ["finetune", "linear_probe", "norm_head", "taps", "ftn"]
+METHODS = ["finetune", "linear_probe", "norm_head", "taps", "ftn", "cwps"]
 
 
-def _train_steps(model, method, data, bb, steps=3, lr=0.05):
+def _train_steps(model, method, data, bb, steps=3, lr=0.05, epoch=0):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    method.start_epoch(model, epoch)
     method.train_mode(model)
     for i, (x, y) in enumerate(data.train.batches(32, torch.Generator().manual_seed(0))):
         loss = F.cross_entropy(model(normalise(x, bb.mean, bb.std)), y)
@@ -41,16 +44,18 @@ def test_train_then_fold_is_exact(backbones, digits16, digits32, bb_name, method
     data = digits16 if size == 16 else digits32
     params = TapsConfig(lam=1.0, score_init=0.15, tau=0.1) if method_name == "taps" else None
     method = build_method(method_name, params)
+    schedule = Schedule(epochs=2, batch_size=32, lr=0.05)
+    method.setup(TrainContext(bb, data, schedule, seed=0))  # CWPS searches on the task's data here
     model = bb.task_net(data.num_classes, seed=0)
-    method.prepare(model)
     base_before = {k: v.clone() for k, v in bb.features.state_dict().items()}
-    _train_steps(model, method, data, bb)
+    method.prepare(model)
+    _train_steps(model, method, data, bb, epoch=schedule.epochs - 1)  # the last epoch: CWPS's hard mask
 
     # only adapter parameters received gradients
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, name
-    if method_name != "finetune":
+    if method_name not in ("finetune", "cwps"):  # CWPS trains a full child next to its frozen parent
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         assert frozen, "a parameter-efficient method must leave shared weights frozen"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

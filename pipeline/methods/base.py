@@ -3,17 +3,26 @@
 A method (a) wraps or unfreezes the layers it adapts (``prepare``), (b) adds its
 regulariser to the task loss (``regulariser``), and (c) emits a ``TaskDelta``
 (``task_delta``). Training, folding, bundling and export only ever see these three.
+
+Optional, for methods that need more than one model's view: ``setup`` receives the task's
+``TrainContext`` before ``prepare`` (data and schedule for a search, earlier tasks' deltas
+for a method that borrows from them), ``start_epoch`` switches training phases,
+``uses_pool``/``passes`` ask the runner for earlier tasks and repeated passes, and
+``bundle_deltas`` turns the versions trained into what the bundle stores.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline.backbones import TaskNet
+from pipeline.backbones import Backbone, TaskNet
+from pipeline.data import TaskData
 from pipeline.delta import Head, Norm, Replace, TaskDelta, own_tensors
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -24,14 +33,51 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass
+class TrainContext:
+    """What one (method, task) training unit runs with, for methods that need more than the model."""
+
+    backbone: Backbone
+    data: TaskData
+    schedule: Any  # pipeline.train.Schedule
+    seed: int
+    workdir: Path | None = None  # the unit's directory; ``workdir / "scratch"`` is removed when it finishes
+    signature: str = ""
+    progress: bool = False
+    # every finished version of this method's earlier units, by id ("<task>@<pass>"), linked to each other
+    versions: dict[str, TaskDelta] = field(default_factory=dict)
+    pool: list[str] = field(default_factory=list)  # the version ids a pool method may borrow from
+
+
 class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     # False: the backbone's norms keep the base statistics (eval mode while training)
     task_norms: ClassVar[bool] = True
+    # True: a unit depends on the method's earlier units (the runner trains tasks in order, passes
+    # their deltas in ``TrainContext.versions``, and retrains later tasks when an earlier one changes)
+    uses_pool: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()
+        self.context: TrainContext | None = None
+
+    @property
+    def passes(self) -> int:
+        """How many times the runner goes over the tasks (CWPS's multi-task mode: more than one)."""
+        return 1
+
+    def setup(self, context: TrainContext) -> None:
+        """Called before ``prepare`` for every training unit."""
+        self.context = context
+
+    def start_epoch(self, model: TaskNet, epoch: int) -> None:
+        """Called before every training epoch (0-based), also on resume: switch phases here."""
+
+    def bundle_deltas(self, final: dict[str, str], versions: dict[str, TaskDelta]) -> list[TaskDelta]:
+        """The deltas a bundle stores, one per task, from the version kept for each task
+        (``final``: task -> version id) and every version trained."""
+        return [versions[v] for v in final.values()]
 
     def prepare(self, model: TaskNet) -> None:
         """Freeze what is shared, make trainable (or wrap) what is task-specific. In place."""

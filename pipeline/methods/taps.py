@@ -44,7 +44,7 @@ class TapsGate(nn.Module):
 
     def gate(self) -> torch.Tensor:
         hard = (self.score >= self.tau).to(self.score.dtype)
-        return hard + self.score - self.score.detach()
+        return hard + (self.score - self.score.detach())  # exactly 0 or 1 forward
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.gate() * self.delta
