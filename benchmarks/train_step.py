@@ -16,14 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.backbones import build_backbone
+from pipeline.config import TaskConfig
+from pipeline.data import load_task
 from pipeline.methods import build_method
-from pipeline.train import MEMORY_FORMAT
+from pipeline.methods.base import TrainContext
+from pipeline.train import MEMORY_FORMAT, Schedule
 
 
-def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor):
+def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor, context: TrainContext):
     method = build_method(method_name)
+    method.setup(context)  # CWPS runs its parent search (a short fine-tune on digits) here, untimed
     model = bb.task_net(10).to(memory_format=MEMORY_FORMAT)  # as pipeline.train does
     method.prepare(model)
+    method.start_epoch(model, context.schedule.epochs - 1)  # the last stage (CWPS: the hard mask)
     x = x.contiguous(memory_format=MEMORY_FORMAT)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
@@ -48,7 +53,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default="finetune,taps,ftn,norm_head,linear_probe")
+    p.add_argument("--methods", default="finetune,taps,ftn,cwps,norm_head,linear_probe")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,7 +62,10 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch,))
     names = args.methods.split(",")
-    steps = {n: make_step(bb, n, x, y) for n in names}
+    digits = load_task(TaskConfig(name="digits", source={"type": "digits"}, train_size=128, val_size=32, test_size=32),
+                       args.image_size, 0)
+    context = TrainContext(bb, digits, Schedule(epochs=4, batch_size=args.batch, lr=1e-3), seed=0)
+    steps = {n: make_step(bb, n, x, y, context) for n in names}
     for s in steps.values():  # warm-up
         s(), s()
     times: dict[str, list[float]] = {n: [] for n in names}

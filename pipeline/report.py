@@ -224,7 +224,7 @@ def plot_sweep(res: dict, sweep: dict, path: Path) -> None:
         ax2 = ax.twinx()
         ax2.plot(xs, n_x, ls="--", color="grey", marker="x", label="N x base")
         ax2.set_ylabel("N x base (dashed)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.set_title(f"{sweep['method']}: accuracy against {sweep['param']}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
