@@ -1,3 +1,3 @@
 """taskfold pipeline: training and folding (torch only)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
