@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
@@ -30,9 +30,11 @@ from pipeline.backbones import Backbone, TaskNet, build_backbone
 from pipeline.bundle import backbone_id, load_bundle, read_delta, write_bundle, write_delta
 from pipeline.config import RunConfig
 from pipeline.data import TaskData, load_task, normalise
+from pipeline.delta import TaskDelta
 from pipeline.fold import compare, merge
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.methods import build_method
+from pipeline.methods.base import Method
 from pipeline.train import Schedule, evaluate, train_task
 
 STAGES = ("prepare", "train", "fold", "export", "bench", "report")
@@ -140,9 +142,12 @@ class Runner:
         return self.cfg.section_hash("train", self.hashes["prepare"], entry, task, self.cfg.train.model_dump(),
                                      self.cfg.run.seed, *extra)
 
-    def _unit_dir(self, label: str, task: str, pass_: int, passes: int) -> Path:
-        unit = self.out / "train" / label / task
-        return unit if passes == 1 else unit / f"pass{pass_}"
+    def _units(self, label: str, passes: int) -> Iterator[tuple[int, str, Path, str]]:
+        """(pass, task, unit directory, version id) of every training unit of an entry, in order."""
+        for p in range(1, passes + 1):
+            for t in self.cfg.tasks:
+                unit = self.out / "train" / label / t.name
+                yield p, t.name, unit if passes == 1 else unit / f"pass{p}", f"{t.name}@{p}"
 
     def stage_train(self) -> dict:
         c = self.cfg
@@ -159,42 +164,36 @@ class Runner:
         passes = method.passes
         versions, kept, units, chain = {}, {}, {}, []
         history: dict[str, list[dict]] = {}
-        for p in range(1, passes + 1):
-            for t in self.cfg.tasks:
-                unit = self._unit_dir(m.label, t.name, p, passes)
-                h = self._unit_hash(m.label, t.name, chain if method.uses_pool else [], p)
-                res = unit / "result.json"
-                tag = f"{m.label}/{t.name}" + (f" pass {p}/{passes}" if passes > 1 else "")
-                if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
-                    self.log(f"train {tag}: up to date, skipped")
-                else:
-                    pool = [kept[k][0] for k in kept] if method.uses_pool else []
-                    self._train_unit(m, build_method(m.name, m.params), t.name, unit, h, tag, versions, pool)
-                vid = f"{t.name}@{p}"
-                versions[vid] = read_delta(unit / "delta.safetensors").link(versions)
-                result = read_json(res)
-                history.setdefault(t.name, []).append({"pass": p, "version": vid, **{
-                    k: result[k] for k in ("val_acc", "test_acc", "train_seconds")}, "params": versions[vid].params()})
-                if t.name not in kept or result["val_acc"] > kept[t.name][1]:
-                    kept[t.name] = (vid, result["val_acc"], unit)
-                units[f"{m.label}/{t.name}" + (f"/pass{p}" if passes > 1 else "")] = h
-                chain.append(h)
+        for p, task, unit, vid in self._units(m.label, passes):
+            h = self._unit_hash(m.label, task, chain if method.uses_pool else [], p)
+            res = unit / "result.json"
+            tag = f"{m.label}/{task}" + (f" pass {p}/{passes}" if passes > 1 else "")
+            if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
+                self.log(f"train {tag}: up to date, skipped")
+            else:
+                pool = [kept[k][0] for k in kept] if method.uses_pool else []
+                self._train_unit(m, build_method(m.name, m.params), task, unit, h, tag, versions, pool)
+            units[f"{m.label}/{task}" + (f"/pass{p}" if passes > 1 else "")] = h
+            chain.append(h)
+            if not method.uses_pool and passes == 1:
+                continue  # nothing later reads this unit's delta or compares its passes
+            versions[vid] = read_delta(unit / "delta.safetensors").link(versions)
+            result = read_json(res)
+            history.setdefault(task, []).append({"pass": p, "version": vid, **{
+                k: result[k] for k in ("val_acc", "test_acc", "train_seconds")}, "params": versions[vid].params()})
+            if task not in kept or result["val_acc"] > kept[task][1]:
+                kept[task] = (vid, result["val_acc"], unit)
         if passes > 1:
-            for t, (vid, _, unit) in kept.items():
+            for task, (vid, _, unit) in kept.items():
                 best = read_json(unit / "result.json")
-                write_json(self.out / "train" / m.label / t / "result.json",
-                           best | {"kept": vid, "passes": history[t]})
+                write_json(self.out / "train" / m.label / task / "result.json",
+                           best | {"kept": vid, "passes": history[task]})
         return units
 
-    def _versions(self, m) -> tuple[object, dict[str, str], dict]:
+    def _versions(self, m) -> tuple[Method, dict[str, str], dict[str, TaskDelta]]:
         """(method, task -> kept version id, every version's delta, linked) of a trained entry."""
         method = build_method(m.name, m.params)
-        passes = method.passes
-        versions = {}
-        for p in range(1, passes + 1):
-            for t in self.cfg.tasks:
-                unit = self._unit_dir(m.label, t.name, p, passes)
-                versions[f"{t.name}@{p}"] = read_delta(unit / "delta.safetensors")
+        versions = {vid: read_delta(unit / "delta.safetensors") for _, _, unit, vid in self._units(m.label, method.passes)}
         for d in versions.values():
             d.link(versions)
         final = {t.name: read_json(self.out / "train" / m.label / t.name / "result.json").get("kept", f"{t.name}@1")
