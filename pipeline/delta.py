@@ -363,8 +363,9 @@ class ChannelSelect(Delta):
         and rows of the linked owners."""
         w, b = self.own(weight, bias)
         shared = (~self.mask).nonzero().flatten()
+        pointers = self.pointers()
         for name, entry in self.linked.items():
-            rows = shared[torch.tensor([p == name for p in self.pointers()], dtype=torch.bool)]
+            rows = shared[torch.tensor([p == name for p in pointers], dtype=torch.bool)]
             if not bool(entry.mask[rows].all()):
                 bad = rows[~entry.mask[rows]][:5].tolist()
                 raise ValueError(f"channel_select points to channels {bad} of {name!r}, which does not own them")

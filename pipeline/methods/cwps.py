@@ -176,10 +176,11 @@ class Cwps(Method):
         for path, layer in layers:
             weight, bias = base[f"{path}.weight"], base.get(f"{path}.bias")
             candidates = pool_rows(ctx.versions, ctx.pool, path, weight, bias)
-            dist = kernel_distance(layer.weight.detach(), torch.stack([w for w, _, _ in candidates]), cfg.distance)
+            pool_weights = torch.stack([w for w, _, _ in candidates])
+            dist = kernel_distance(layer.weight.detach(), pool_weights, cfg.distance)
             best = dist.argmin(0)
             channels = torch.arange(weight.shape[0])
-            parent_w = torch.stack([w for w, _, _ in candidates])[best, channels]
+            parent_w = pool_weights[best, channels]
             owners = [candidates[s][2][c] for c, s in enumerate(best.tolist())]
             d = dist[best, channels]
             scores = (d - d.mean()) / (d.std() + 1e-12) if d.numel() > 1 else torch.zeros_like(d)
@@ -245,36 +246,23 @@ class Cwps(Method):
 def rebase(entry: ChannelSelect, kept: dict[str, str], versions: dict[str, TaskDelta], path: str) -> ChannelSelect:
     """``entry`` with pointers renamed from version ids to the tasks that kept them; a row of a
     version nobody kept is copied in as an own row."""
-    mask = entry.mask.clone()
-    pointers = entry.pointers()
-    shared = (~entry.mask).nonzero().flatten().tolist()
-    extra_rows, extra_bias = {}, {}
-    for c, src in zip(shared, pointers):
-        if src != BASE_SOURCE and src not in kept:
-            owner = versions[src].entries[path]
-            i = int(owner.mask[:c].sum())
-            extra_rows[c] = owner.rows[i]
-            if owner.bias is not None:
-                extra_bias[c] = owner.bias[i]
-            mask[c] = True
-    own_rows = iter(entry.rows)
-    own_bias = iter(entry.bias) if entry.bias is not None else None
-    rows, bias = [], []
-    for c, is_own in enumerate(mask.tolist()):
-        if not is_own:
+    channels = entry.mask.numel()
+    rows, bias = entry.own(entry.rows.new_zeros(channels, *entry.rows.shape[1:]),
+                           entry.bias.new_zeros(channels) if entry.bias is not None else None)
+    mask, names = entry.mask.clone(), []
+    for c, src in zip((~entry.mask).nonzero().flatten().tolist(), entry.pointers()):
+        if src == BASE_SOURCE or src in kept:
+            names.append(kept.get(src, src))
             continue
-        if c in extra_rows:
-            rows.append(extra_rows[c])
-            bias.append(extra_bias.get(c))
-        else:
-            rows.append(next(own_rows))
-            bias.append(next(own_bias) if own_bias is not None else None)
-    names = [kept.get(src, src) for c, src in zip(shared, pointers) if not mask[c]]
+        owner = versions[src].entries[path]
+        i = int(owner.mask[:c].sum())  # the owner's row of channel c among its own rows
+        rows[c] = owner.rows[i]
+        if bias is not None:
+            bias[c] = owner.bias[i]
+        mask[c] = True
     sources = [BASE_SOURCE, *sorted(set(names) - {BASE_SOURCE})]
-    row_tensor = torch.stack(rows) if rows else entry.rows[:0]
-    bias_tensor = torch.stack(bias) if entry.bias is not None and rows else (entry.bias[:0] if entry.bias is not None
-                                                                              else None)
-    return ChannelSelect(mask, row_tensor, pointer_tensor(names, sources), sources, bias_tensor)
+    return ChannelSelect(mask, rows[mask], pointer_tensor(names, sources), sources,
+                         bias[mask] if bias is not None else None)
 
 
 def pointer_tensor(pointers: list[str], sources: list[str]) -> torch.Tensor:
