@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import atomic_path
+from pipeline.plotting import pyplot, save_png
 
 FORM_NOTES = {
     "merged": "one plain model file per task",
@@ -77,10 +77,7 @@ def section(deployment: dict, plot: str | None) -> list[str]:
 
 def plot_storage_vs_latency(deploy: dict, path: Path, batch: str | None = None) -> None:
     """Bytes on disk for K tasks (log) against latency / base, one marker per (method, form)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batch = batch or next(iter(deploy["base"]))
     markers = dict(zip(FORM_NOTES, "os^vDPX"))
@@ -99,6 +96,4 @@ def plot_storage_vs_latency(deploy: dict, path: Path, batch: str | None = None) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

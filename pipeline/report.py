@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from pipeline.deploy_report import plot_storage_vs_latency
 from pipeline.deploy_report import section as deploy_section
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.sharing_report import plot_relation, relation
+from pipeline.plotting import pyplot, save_png
+from pipeline.sharing_report import passes_table, plot_relation, relation
 from pipeline.sharing_report import table as relation_table
 
 if TYPE_CHECKING:
@@ -162,14 +163,9 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
         if "relation" in m:
             lines += ["", "Where each task's channels come from (% of its shared-layer channels; a borrowed row counts "
                           "for the task that trained it):", ""] + relation_table(m["relation"])
-        if any("passes" in t for t in m["tasks"].values()):
+        if passes := passes_table(m):
             lines += ["", "Passes over the tasks (multi-task mode): test accuracy / stored params per pass; "
-                          "kept = best validation.", "", "| task | " + " | ".join(
-                              f"pass {p['pass']}" for p in next(iter(m["tasks"].values()))["passes"]) + " | kept |",
-                      "|---|" + "---|" * (len(next(iter(m["tasks"].values()))["passes"]) + 1)]
-            for name, t in m["tasks"].items():
-                lines.append(f"| {name} | " + " | ".join(f"{p['test_acc']:.4f} / {p['params']:,}" for p in t["passes"])
-                             + f" | {t['kept']} |")
+                          "kept = best validation.", ""] + passes
     for sweep in sweeps(res):
         lines += ["", f"## Sweep: {sweep['method']} over {sweep['param']}", ""] + _sweep_table(res, sweep)
     lines += deploy_section(res["deployment"], plots.pop(DEPLOY_PLOT, None))
@@ -180,10 +176,7 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
 
 
 def plot_accuracy_vs_params(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, m in res["methods"].items():
@@ -196,18 +189,13 @@ def plot_accuracy_vs_params(res: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_sweep(res: dict, sweep: dict, path: Path) -> None:
     """Accuracy per task against the swept parameter (FTN paper: accuracy against rank),
     with the stored parameters (N x base) on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     xs, labels = sweep["values"], sweep["labels"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -227,18 +215,14 @@ def plot_sweep(res: dict, sweep: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="best")
     ax.set_title(f"{sweep['method']}: accuracy against {sweep['param']}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_layer_map(label: str, m: dict, path: Path) -> None:
     """TAPS paper Figure 3: which layers each task made task-specific."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     tasks = list(m["tasks"])
     grid = np.array([[1.0 if g else 0.0 for g in m["tasks"][t]["describe"]["gated_on"]] for t in tasks])
@@ -249,9 +233,7 @@ def plot_layer_map(label: str, m: dict, path: Path) -> None:
     ax.set_xlabel(f"adapted layer (input -> output), {len(layers)} in all; green = task-specific")
     ax.set_title(f"{label}: task-specific layers per task")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_report(r: "Runner") -> dict:

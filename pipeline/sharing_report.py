@@ -1,12 +1,14 @@
-"""Who borrows from whom: the task-relation matrix of a channel-sharing method (the CWPS paper's
-Figure 4, right). Rows are the borrowing tasks, columns where each of its channels comes from:
-its own trained rows, the pretrained base, or another task's rows (owners, so a row that task B
-borrowed from A counts for A)."""
+"""Who borrows from whom, and what passes over the tasks bought.
+
+The task-relation matrix of a channel-sharing method (the CWPS paper's Figure 4, right): rows
+are the borrowing tasks, columns where each of its channels comes from: its own trained rows,
+the pretrained base, or another task's rows (owners, so a row that task B borrowed from A
+counts for A). The passes table: every pass's accuracy and size per task, and the one kept."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import atomic_path
+from pipeline.plotting import pyplot, save_png
 
 
 def relation(method: dict) -> dict | None:
@@ -34,12 +36,24 @@ def table(rel: dict) -> list[str]:
     return lines
 
 
-def plot_relation(label: str, rel: dict, path: Path) -> None:
-    import matplotlib
+def passes_table(method: dict) -> list[str]:
+    """Test accuracy / stored params of every pass per task, and the version kept (multi-pass
+    methods; empty otherwise)."""
+    tasks = method["tasks"]
+    if not all("passes" in t for t in tasks.values()):
+        return []
+    n = len(next(iter(tasks.values()))["passes"])
+    lines = ["| task | " + " | ".join(f"pass {p}" for p in range(1, n + 1)) + " | kept |", "|---|" + "---|" * (n + 1)]
+    for name, t in tasks.items():
+        lines.append(f"| {name} | " + " | ".join(f"{p['test_acc']:.4f} / {p['params']:,}" for p in t["passes"])
+                     + f" | {t['kept']} |")
+    return lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_relation(label: str, rel: dict, path: Path) -> None:
     import numpy as np
+
+    plt = pyplot()
 
     tasks, cols = list(rel["rows"]), rel["columns"]
     grid = np.array([[100 * rel["rows"][t]["counts"][c] / max(1, rel["rows"][t]["channels"]) for c in cols]
@@ -57,6 +71,4 @@ def plot_relation(label: str, rel: dict, path: Path) -> None:
     ax.set_title(f"{label}: % of each task's channels by source", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
