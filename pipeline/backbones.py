@@ -52,13 +52,17 @@ class Backbone:
         """A fresh TaskNet sharing nothing with ``self.features`` (deep copy), new head."""
         import copy
 
+        return TaskNet(copy.deepcopy(self.features), self.new_head(num_classes, seed))
+
+    def new_head(self, num_classes: int, seed: int = 0) -> nn.Linear:
+        """A task head, initialised from ``seed`` alone (same head in every process)."""
         gen = torch.Generator().manual_seed(seed)
         head = nn.Linear(self.num_features, num_classes)
         with torch.no_grad():
             bound = 1.0 / self.num_features**0.5
             head.weight.uniform_(-bound, bound, generator=gen)
             head.bias.zero_()
-        return TaskNet(copy.deepcopy(self.features), head)
+        return head
 
 
 # ---------------------------------------------------------------- tiny test variants

@@ -115,6 +115,9 @@ class MethodEntry(Strict):
     params: BaseModel
     epochs: int | None = None
     lr: float | None = None
+    # label of an earlier joint entry: start from its jointly trained shared weights instead of
+    # the pretrained backbone (the TAPS paper's memory-efficient joint variant)
+    base: str | None = None
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -141,11 +144,31 @@ class RunConfig(Strict):
             raise ValueError("at least one task is needed")
         return tasks
 
+    @model_validator(mode="after")
+    def _joint_references(self) -> "RunConfig":
+        from pipeline.methods import REGISTRY
+
+        tasks = {t.name for t in self.tasks}
+        seen: dict[str, str] = {}
+        for i, m in enumerate(self.methods):
+            if m.base is not None:
+                if m.base not in seen:
+                    raise ValueError(f"methods[{i}].base: {m.base!r} is not the label of an earlier method entry")
+                if not REGISTRY[seen[m.base]].joint:
+                    raise ValueError(f"methods[{i}].base: {m.base!r} is a {seen[m.base]!r} entry; a base must come "
+                                     f"from a joint method ({sorted(k for k, v in REGISTRY.items() if v.joint)})")
+            unknown = set(getattr(m.params, "task_weights", {})) - tasks
+            if unknown:
+                raise ValueError(f"methods[{i}].task_weights: unknown tasks {sorted(unknown)}; tasks: {sorted(tasks)}")
+            seen[m.label] = m.name
+        return self
+
     def to_jsonable(self) -> dict[str, Any]:
         """The resolved config as plain JSON (method params included), written next to outputs."""
         out = self.model_dump(mode="json", exclude={"methods"})
         out["methods"] = [
-            {"name": m.name, "label": m.label, "epochs": m.epochs, "lr": m.lr, **m.params.model_dump(mode="json")}
+            {"name": m.name, "label": m.label, "epochs": m.epochs, "lr": m.lr, **({"base": m.base} if m.base else {}),
+             **m.params.model_dump(mode="json")}
             for m in self.methods
         ]
         return out
@@ -174,7 +197,8 @@ def _format(path: str, err: ValidationError, prefix: str = "") -> str:
         where = _loc(tuple(x for x in e["loc"] if not str(x).startswith("function-")))
         where = f"{prefix}{'.' if prefix and where else ''}{where}" if where else prefix
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {where or '<top>'}: {msg}")
+        # a whole-config check names its field at the start of its message
+        lines.append(f"{path}: {where}: {msg}" if where else f"{path}: {msg}")
     return "\n".join(lines)
 
 
@@ -198,7 +222,7 @@ def _parse_methods(path: str, raw: Any) -> list[dict[str, Any]]:
         if label in labels:
             raise ConfigError(f"{path}: {where}.label: repeated label {label!r}; give each run of a method its own label")
         labels.add(label)
-        common = {k: entry.pop(k) for k in ("epochs", "lr") if k in entry}
+        common = {k: entry.pop(k) for k in ("epochs", "lr", "base") if k in entry}
         try:
             params = REGISTRY[name].Config(**entry)
         except ValidationError as err:

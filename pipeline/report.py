@@ -10,11 +10,14 @@ from pipeline.deploy_report import plot_storage_vs_latency
 from pipeline.deploy_report import section as deploy_section
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.plotting import pyplot, save_png
+from pipeline.policy_report import correlation, is_policy, plot_policy, skip_table
 from pipeline.sharing_report import passes_table, plot_relation, relation
 from pipeline.sharing_report import table as relation_table
 
 if TYPE_CHECKING:
     from pipeline.run import Runner
+
+JOINT_UNIT = "@joint"  # pipeline.run.JOINT_UNIT (not imported: run imports torch and the methods)
 
 SCHEMA = "taskfold-results/1"
 DEPLOY_PLOT = "Deployment: storage against latency"
@@ -28,6 +31,7 @@ def collect(r: "Runner") -> dict:
     export = r.record("export") or {}
     bench = r.record("bench") or {}
     latency = bench.get("latency", {})
+    flops = export.get("flops", {})
     methods = {}
     for m in c.methods:
         ledger = fold.get("ledgers", {}).get(m.label, {})
@@ -44,21 +48,31 @@ def collect(r: "Runner") -> dict:
                 "latency": {b: v[key] for b, v in latency.items() if key in v},
                 "storage": {k: store.get(k) for k in ("params", "bits", "bytes_on_disk", "fraction_of_base")},
                 "describe": res["describe"],
+                "flops": flops.get(key),
+                "flops_ratio": flops[key] / flops["base"] if key in flops and flops.get("base") else None,
             }
             if "passes" in res:  # multi-pass methods: every pass's accuracy and size, and the one kept
                 tasks[t.name] |= {"passes": res["passes"], "kept": res["kept"]}
         ratios = [v["ratio_to_base"] for t in tasks.values() for v in t["latency"].values()]
+        flops_ratios = [t["flops_ratio"] for t in tasks.values() if t["flops_ratio"] is not None]
         methods[m.label] = {
             "method": m.name,
+            "setting": setting(m),
             "params": m.params.model_dump(mode="json"),
             "tasks": tasks,
             "mean_test_acc": mean(t["test_acc"] for t in tasks.values()),
             "n_x_base": ledger.get("total", {}).get("n_x_base"),
             "bundle_bytes": ledger.get("total", {}).get("bytes_on_disk"),
             "mean_latency_ratio": mean(ratios) if ratios else None,
+            "mean_flops_ratio": mean(flops_ratios) if flops_ratios else None,
         }
         if rel := relation(methods[m.label]):
             methods[m.label]["relation"] = rel
+        if is_policy(methods[m.label]) and (corr := correlation(methods[m.label])):
+            methods[m.label]["policy_correlation"] = {"tasks": corr[0], "cosine": corr[1]}
+        joint = r.out / "train" / m.label / JOINT_UNIT / "result.json"
+        if joint.is_file():
+            methods[m.label]["joint"] = {k: v for k, v in read_json(joint).items() if k != "hash"}
     return {
         "schema": SCHEMA,
         "config": c.to_jsonable(),
@@ -70,6 +84,30 @@ def collect(r: "Runner") -> dict:
         "deployment": deployment(r.out, bench.get("deploy"), export.get("form_checks", {})),
         "stage_seconds": r.timings,
     }
+
+
+def setting(m) -> str:
+    """How an entry was trained: all tasks at once, one by one, or one by one from a joint base."""
+    from pipeline.methods import REGISTRY
+
+    if REGISTRY[m.name].joint:
+        return "joint"
+    return f"incremental from {m.base}" if m.base else "incremental"
+
+
+def joint_table(res: dict) -> list[str]:
+    """Joint and incremental entries side by side (the TAPS paper's Table 5)."""
+    tasks = list(res["tasks"])
+    order = sorted(res["methods"], key=lambda lb: (res["methods"][lb]["setting"] != "joint",
+                                                   res["methods"][lb]["setting"] == "incremental"))
+    lines = ["| method | setting | " + " | ".join(tasks) + " | mean | N x base | FLOPs x base |",
+             "|---|---|" + "---|" * (len(tasks) + 3)]
+    for label in order:
+        m = res["methods"][label]
+        lines.append(f"| {label} | {m['setting']} | " + " | ".join(f"{m['tasks'][t]['test_acc']:.4f}" for t in tasks)
+                     + f" | {m['mean_test_acc']:.4f} | {_fmt(m['n_x_base'], '.3f')} | "
+                       f"{_fmt(m['mean_flops_ratio'], '.3f')} |")
+    return lines
 
 
 def deployment(out: Path, deploy: dict | None, checks: dict) -> dict:
@@ -130,10 +168,17 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
     for name, t in res["tasks"].items():
         lines.append(f"| {name} | {t['source']} | {t['domain']} | {t['num_classes']} | {t['train']} | {t['val']} | {t['test']} |")
     lines += ["", "## Summary", "",
-              "| method | mean test acc | N x base | bundle bytes | merged/base latency (mean) |", "|---|---|---|---|---|"]
+              "| method | mean test acc | N x base | bundle bytes | merged/base latency (mean) | FLOPs x base (mean) |",
+              "|---|---|---|---|---|---|"]
     for label, m in res["methods"].items():
         lines.append(f"| {label} | {m['mean_test_acc']:.4f} | {_fmt(m['n_x_base'], '.3f')} | "
-                     f"{_fmt(m['bundle_bytes'], ',')} | {_fmt(m['mean_latency_ratio'], '.3f')} |")
+                     f"{_fmt(m['bundle_bytes'], ',')} | {_fmt(m['mean_latency_ratio'], '.3f')} | "
+                     f"{_fmt(m['mean_flops_ratio'], '.3f')} |")
+    if any(m["setting"] != "incremental" for m in res["methods"].values()):
+        lines += ["", "## Joint and incremental", "",
+                  "Joint entries train every task at once (shared weights, per-task norms and heads); their "
+                  "N x base counts the jointly trained shared weights once. \"incremental from X\" starts each "
+                  "task from joint entry X's shared weights.", ""] + joint_table(res)
     base = res["base"]
     if base.get("ledger"):
         lines += ["", f"Base: {base['ledger']['params']:,} params, {base['ledger']['bytes_on_disk']:,} bytes on disk."]
@@ -163,6 +208,12 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
         if "relation" in m:
             lines += ["", "Where each task's channels come from (% of its shared-layer channels; a borrowed row counts "
                           "for the task that trained it):", ""] + relation_table(m["relation"])
+        if is_policy(m):
+            joint = m.get("joint", {})
+            kept = joint.get("kept_candidate")
+            tried = ", ".join(f"#{x['candidate']}: {x['mean_val_acc']:.4f}" for x in joint.get("candidates", []))
+            lines += ["", f"Blocks each task skips (architecture #{kept} kept of those retrained, mean val acc "
+                          f"{tried}); FLOPs and latency of the merged model against the full base:", ""] + skip_table(m)
         if passes := passes_table(m):
             lines += ["", "Passes over the tasks (multi-task mode): test accuracy / stored params per pass; "
                           "kept = best validation.", ""] + passes
@@ -250,6 +301,10 @@ def write_report(r: "Runner") -> dict:
             rel = f"plots/layer_map_{label}.png"
             plot_layer_map(label, m, r.out / rel)
             plots[f"{label}: task-specific layers"] = rel
+        if is_policy(m):
+            rel = f"plots/policy_{label}.png"
+            plot_policy(label, m, r.out / rel)
+            plots[f"{label}: learned policy and task correlation"] = rel
         if "relation" in m:
             rel = f"plots/task_relation_{label}.png"
             plot_relation(label, m["relation"], r.out / rel)

@@ -10,6 +10,7 @@ Run dir layout::
     prepared/<task>.safetensors           uint8 images + labels per split
     train/<label>/<task>/{checkpoint.pt, delta.safetensors, result.json}
     train/<label>/<task>/pass<p>/...        methods that pass over the tasks more than once
+    train/<label>/@joint/{shared.safetensors, result.json}  joint methods: the shared weights
     bundles/<label>/                      see pipeline.bundle
     exports/base.onnx, exports/<label>/<task>.onnx
     stages/<stage>.json                   input hash + what the stage measured
@@ -17,6 +18,8 @@ Run dir layout::
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from pipeline.backbones import Backbone, TaskNet, build_backbone
-from pipeline.bundle import backbone_id, load_bundle, read_delta, write_bundle, write_delta
+from pipeline.bundle import backbone_id, base_state, load_bundle, read_delta, write_bundle, write_delta
 from pipeline.config import RunConfig
 from pipeline.data import TaskData, load_task, normalise
 from pipeline.delta import TaskDelta
@@ -41,6 +44,8 @@ STAGES = ("prepare", "train", "fold", "export", "bench", "report")
 
 # merged vs adapted logits: float re-association only, so this is generous and still catches real bugs
 FOLD_TOLERANCE = 1e-3
+# a joint entry's own folder under train/<label>/; task names cannot contain "@", so no clash
+JOINT_UNIT = "@joint"
 
 
 class FoldError(RuntimeError):
@@ -57,6 +62,8 @@ class Runner:
         self._data: dict[str, TaskData] = {}
         self.hashes: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+        self._joint_hashes: dict[str, str] = {}  # joint entry label -> its unit's hash
+        self._joint_bases: dict[str, Backbone] = {}  # joint entry label -> backbone with its shared weights
 
     # ------------------------------------------------------------ helpers
 
@@ -74,6 +81,23 @@ class Runner:
                 k = int(f.metadata()["num_classes"])
             self._data[task] = TaskData.from_tensors(task, k, load_file(str(path)))
         return self._data[task]
+
+    def joint_base(self, label: str) -> Backbone:
+        """The backbone with the shared weights a joint entry trained (its bundle's base)."""
+        if label not in self._joint_bases:
+            path = self.out / "train" / label / JOINT_UNIT / "shared.safetensors"
+            features = copy.deepcopy(self.backbone.features)
+            features.load_state_dict({k.removeprefix("features."): v for k, v in load_file(str(path)).items()})
+            self._joint_bases[label] = dataclasses.replace(self.backbone, features=features)
+        return self._joint_bases[label]
+
+    def start_backbone(self, m) -> Backbone:
+        """What an entry trains from: the pretrained backbone, or the joint entry named by ``base``."""
+        return self.joint_base(m.base) if m.base else self.backbone
+
+    def bundle_backbone(self, m) -> Backbone:
+        """What an entry's deltas merge onto: its own shared weights for a joint entry."""
+        return self.joint_base(m.label) if build_method(m.name).joint else self.start_backbone(m)
 
     def record(self, stage: str) -> dict | None:
         p = self.out / "stages" / f"{stage}.json"
@@ -139,6 +163,8 @@ class Runner:
         """A unit's input hash; ``earlier``: the hashes of the units it borrows from (pool methods)."""
         entry = next(m for m in self.cfg.to_jsonable()["methods"] if m["label"] == label)
         extra = [list(earlier), pass_] if earlier or pass_ > 1 else []
+        if base := self.cfg.method(label).base:
+            extra.append(self._joint_hashes[base])
         return self.cfg.section_hash("train", self.hashes["prepare"], entry, task, self.cfg.train.model_dump(),
                                      self.cfg.run.seed, *extra)
 
@@ -161,6 +187,8 @@ class Runner:
         """Train every task of one method entry, pass after pass; a pool method's unit sees the
         versions trained before it and borrows from the one each task keeps (best validation)."""
         method = build_method(m.name, m.params)
+        if method.joint:
+            return self._train_joint(m, method)
         passes = method.passes
         versions, kept, units, chain = {}, {}, {}, []
         history: dict[str, list[dict]] = {}
@@ -200,22 +228,32 @@ class Runner:
                  for t in self.cfg.tasks}
         return method, final, versions
 
+    def _schedule(self, m) -> Schedule:
+        c = self.cfg
+        return Schedule(m.epochs or c.train.epochs, c.train.batch_size, m.lr or c.train.lr, c.train.momentum,
+                        c.train.weight_decay, c.train.head_lr_scale, c.train.recalibrate_norms)
+
+    def _fold_check(self, model, base: TaskNet, delta: TaskDelta, tag: str) -> dict:
+        """Does ``delta`` merged onto ``base`` reproduce ``model`` on the task's test images?"""
+        check = compare(model, merge(base, delta), self._images(delta.task)[:256])
+        if check["max_abs_diff"] > FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
+            raise FoldError(f"{tag}: merged model differs from the adapted one: {check}")
+        return check
+
     def _train_unit(self, m, method, task: str, unit: Path, h: str, tag: str, versions: dict, pool: list[str]) -> None:
         c = self.cfg
-        schedule = Schedule(m.epochs or c.train.epochs, c.train.batch_size, m.lr or c.train.lr,
-                            c.train.momentum, c.train.weight_decay, c.train.head_lr_scale,
-                            c.train.recalibrate_norms)
+        schedule = self._schedule(m)
         data = self.data(task)
+        backbone = self.start_backbone(m)
         self.log(f"train {tag}: {schedule.epochs} epochs, lr {schedule.lr}, {len(data.train)} images"
-                 + (f", pool: base + {', '.join(pool)}" if pool else ""))
-        outcome = train_task(self.backbone, data, method, schedule, c.run.seed, unit, h, self.progress,
+                 + (f", pool: base + {', '.join(pool)}" if pool else "") + (f", from {m.base}'s shared weights"
+                                                                           if m.base else ""))
+        outcome = train_task(backbone, data, method, schedule, c.run.seed, unit, h, self.progress,
                              versions=versions, pool=pool)
         if outcome.resumed_from_epoch:
             self.log(f"  resumed from epoch {outcome.resumed_from_epoch}")
         delta = method.task_delta(outcome.model, task)
-        check = compare(outcome.model, merge(self.backbone.base_net(), delta), self._images(task)[:256])
-        if check["max_abs_diff"] > FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
-            raise FoldError(f"{tag}: merged model differs from the adapted one: {check}")
+        check = self._fold_check(outcome.model, backbone.base_net(), delta, tag)
         with atomic_path(unit / "delta.safetensors") as tmp:
             write_delta(tmp, delta)
         result = {
@@ -231,6 +269,63 @@ class Runner:
         shutil.rmtree(unit / "scratch", ignore_errors=True)
         self.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
 
+    def _train_joint(self, m, method) -> dict[str, str]:
+        """One unit for all tasks: ``train/<label>/@joint/`` holds the shared weights, and every
+        task gets ``train/<label>/<task>/{delta.safetensors, result.json}`` as incremental
+        methods do, so fold and report read both alike."""
+        c = self.cfg
+        names = [t.name for t in c.tasks]
+        entry = next(e for e in c.to_jsonable()["methods"] if e["label"] == m.label)
+        h = c.section_hash("train", self.hashes["prepare"], entry, names, c.train.model_dump(), c.run.seed,
+                           *([self._joint_hashes[m.base]] if m.base else []))
+        unit = self.out / "train" / m.label / JOINT_UNIT
+        done = (unit / "result.json").is_file() and read_json(unit / "result.json").get("hash") == h and all(
+            (self.out / "train" / m.label / t / "delta.safetensors").is_file() for t in names)
+        if done:
+            self.log(f"train {m.label} (joint, {len(names)} tasks): up to date, skipped")
+        else:
+            self._train_joint_unit(m, method, unit, h)
+        self._joint_hashes[m.label] = h
+        return {f"{m.label}/joint": h}
+
+    def _train_joint_unit(self, m, method, unit: Path, h: str) -> None:
+        from pipeline.train_joint import train_joint
+
+        c = self.cfg
+        schedule = self._schedule(m)
+        tasks = {t.name: self.data(t.name) for t in c.tasks}
+        self.log(f"train {m.label}: joint over {len(tasks)} tasks, {schedule.epochs} epochs, lr {schedule.lr}, "
+                 f"one batch of every task per step" + (f", from {m.base}'s shared weights" if m.base else ""))
+        outcome = train_joint(self.start_backbone(m), tasks, method, schedule, c.run.seed, unit, h, self.progress)
+        model, base = outcome.model, outcome.model.shared_base()
+        seconds = round(outcome.seconds + sum(x["train_seconds"] for x in outcome.candidates
+                                              if x["candidate"] != outcome.candidate), 2)
+        deltas = {task: method.task_delta(model, task) for task in tasks}
+        checks = {t: self._fold_check(model.use(t), base, d, f"{m.label}/{t}") for t, d in deltas.items()}
+        for task, data in tasks.items():  # every task checked before anything is written
+            tag, check = f"{m.label}/{task}", checks[task]
+            folder = self.out / "train" / m.label / task
+            with atomic_path(folder / "delta.safetensors") as tmp:
+                write_delta(tmp, deltas[task])
+            result = {
+                "hash": h, "method": m.name, "label": m.label, "task": task, "joint": True,
+                "val_acc": evaluate(model.use(task), data.val, self.backbone.mean, self.backbone.std),
+                "test_acc": evaluate(model.use(task), data.test, self.backbone.mean, self.backbone.std),
+                "history": [{"epoch": e["epoch"], "val_acc": e["val_acc"][task]} for e in outcome.history],
+                "train_seconds": seconds,  # the joint unit's, shared by every task
+                "step_ms": round(1e3 * outcome.step_seconds / max(1, outcome.steps), 2),
+                "fold_check": check, "describe": method.describe(model, task),
+            }
+            write_json(folder / "result.json", result)
+            self.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
+        with atomic_path(unit / "shared.safetensors") as tmp:
+            save_file(base_state(dataclasses.replace(self.backbone, features=base.features)), str(tmp))
+        write_json(unit / "result.json", {"hash": h, "history": outcome.history, "candidates": outcome.candidates,
+                                          "kept_candidate": outcome.candidate, "train_seconds": seconds,
+                                          "step_ms": round(1e3 * outcome.step_seconds / max(1, outcome.steps), 2)})
+        self._joint_bases.pop(m.label, None)
+        shutil.rmtree(unit / "scratch", ignore_errors=True)
+
     def stage_fold(self) -> dict:
         c = self.cfg
         h = c.section_hash("fold", self.hashes["train"])
@@ -242,9 +337,11 @@ class Runner:
         bundles = {}
         for m in c.methods:
             method, final, versions = self._versions(m)
+            backbone = self.bundle_backbone(m)
+            shared = m.label if method.joint else m.base
+            weights = c.backbone.weights + (f" + joint training ({shared})" if shared else "")
             manifest = write_bundle(
-                self.out / "bundles" / m.label, self.backbone,
-                backbone_id(self.backbone, c.backbone.weights, c.backbone.image_size),
+                self.out / "bundles" / m.label, backbone, backbone_id(backbone, weights, c.backbone.image_size),
                 method.bundle_deltas(final, versions),
                 {"name": m.name, "label": m.label, "params": m.params.model_dump(mode="json")},
                 {t.name: prepared[t.name]["num_classes"] for t in c.tasks},
@@ -266,17 +363,20 @@ class Runner:
             return rec
         from exporters.onnx import OnnxExporter, parity, session
 
+        from exporters.compute import count_flops
+
         exporter = OnnxExporter(c.backbone.image_size, c.export.opset)
         first = c.tasks[0].name
         base = TaskNet(self.backbone.features, nn.Linear(self.backbone.num_features, self.data(first).num_classes))
         outputs = ["exports/base.onnx"]
         exporter.export(base, self.out / outputs[0])
-        results = {}
+        results, flops = {}, {"base": count_flops(base, c.backbone.image_size)}
         for m in c.methods:
             bundle = load_bundle(self.out / "bundles" / m.label, expect_backbone=c.backbone.name)
             for task in bundle.tasks:
                 rel = f"exports/{m.label}/{task}.onnx"
                 merged = bundle.merged(task)
+                flops[f"{m.label}/{task}"] = count_flops(merged, c.backbone.image_size)
                 exporter.export(merged, self.out / rel)
                 check = parity(merged, session(self.out / rel, c.run.threads), self._images(task))
                 results[f"{m.label}/{task}"] = check
@@ -288,7 +388,7 @@ class Runner:
             forms = self._export_forms(exporter)
             outputs.append("exports/forms.json")
         self.log(f"export: {len(outputs)} ONNX files from {exporter.traces} trace(s)")
-        return self._save_record("export", h, outputs, parity=results, traces=exporter.traces, **forms)
+        return self._save_record("export", h, outputs, parity=results, flops=flops, traces=exporter.traces, **forms)
 
     def _export_forms(self, exporter) -> dict:
         from exporters.deploy import FormBuilder

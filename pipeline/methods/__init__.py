@@ -17,4 +17,4 @@ def build_method(name: str, config=None) -> Method:
     return REGISTRY[name](config)
 
 
-from pipeline.methods import baselines, cwps, ftn, taps  # noqa: E402,F401  (registration)
+from pipeline.methods import adashare, baselines, cwps, ftn, joint_taps, taps  # noqa: E402,F401  (registration)

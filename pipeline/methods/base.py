@@ -9,6 +9,10 @@ Optional, for methods that need more than one model's view: ``setup`` receives t
 for a method that borrows from them), ``start_epoch`` switches training phases,
 ``uses_pool``/``passes`` ask the runner for earlier tasks and repeated passes, and
 ``bundle_deltas`` turns the versions trained into what the bundle stores.
+
+``JointMethod`` is the same contract for methods that train every task at once on one
+``MultiTaskNet`` (shared weights, per-task norms and heads): its deltas are relative to the
+jointly trained shared weights, which become the bundle's base.
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.backbones import Backbone, TaskNet
 from pipeline.data import TaskData
 from pipeline.delta import Head, Norm, Replace, TaskDelta, own_tensors
+from pipeline.multitask import MultiTaskNet, TaskNorms
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 ADAPTABLE_TYPES = (nn.Conv2d, nn.Linear)
@@ -57,6 +62,8 @@ class Method:
     # True: a unit depends on the method's earlier units (the runner trains tasks in order, passes
     # their deltas in ``TrainContext.versions``, and retrains later tasks when an earlier one changes)
     uses_pool: ClassVar[bool] = False
+    # True: a ``JointMethod``, trained on all tasks at once
+    joint: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -99,6 +106,95 @@ class Method:
             for m in model.features.modules():
                 if isinstance(m, NORM_TYPES):
                     m.eval()
+
+
+class JointConfig(MethodConfig):
+    task_weights: dict[str, float] = Field(default_factory=dict,
+                                           description="loss weight per task name (default 1 for every task)")
+
+    @field_validator("task_weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = {t: w for t, w in weights.items() if not w >= 0}
+        if bad:
+            raise ValueError(f"task weights must be >= 0, got {bad}")
+        return weights
+
+
+@dataclass
+class JointContext:
+    """What one joint training unit (all tasks of a method entry) runs with."""
+
+    backbone: Backbone
+    tasks: dict[str, TaskData]
+    schedule: Any  # pipeline.train.Schedule
+    seed: int
+    workdir: Path | None = None  # ``workdir / "scratch"`` is removed when the unit finishes
+    signature: str = ""
+    progress: bool = False
+
+
+class JointMethod(Method):
+    """A method that trains every task at once (``pipeline.train_joint``).
+
+    ``prepare`` gets the ``MultiTaskNet`` (per-task norms already in place); every step runs
+    one batch of every task, each through its own norms and head. ``task_delta(model, task)``
+    is relative to ``model.shared_base()``. Optional: ``phases``/``policy_parameters`` for an
+    architecture policy trained on its own split and optimiser (AdaShare), ``candidates``/
+    ``select`` for several trainings of which the best mean validation is kept.
+    """
+
+    joint = True
+    Config = JointConfig
+
+    @property
+    def candidates(self) -> int:
+        """How many models the unit trains (AdaShare: the architectures sampled from its policy)."""
+        return 1
+
+    def setup(self, context: JointContext) -> None:  # type: ignore[override]
+        self.context = context
+
+    def select(self, candidate: int) -> None:
+        """Called before ``prepare`` for every candidate, and with the one kept at the end."""
+
+    def prepare(self, model: MultiTaskNet) -> None:  # type: ignore[override]
+        model.requires_grad_(True)
+
+    def phases(self, epoch: int) -> tuple[str, ...]:
+        """The passes of an epoch: "weights" (SGD, train split) and "policy" (the policy
+        optimiser on a held-apart half of the train split)."""
+        return ("weights",)
+
+    def policy_parameters(self, model: MultiTaskNet) -> list[nn.Parameter]:
+        return []
+
+    def policy_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        raise NotImplementedError(f"{self.name} has policy parameters but no policy optimiser")
+
+    def task_weight(self, task: str) -> float:
+        return float(self.config.task_weights.get(task, 1.0))
+
+    def task_delta(self, model: MultiTaskNet, task: str) -> TaskDelta:  # type: ignore[override]
+        model.use(task)
+        return TaskDelta(task, self.name, joint_norm_entries(model) | joint_head_entry(model))
+
+    def describe(self, model: MultiTaskNet, task: str) -> dict:  # type: ignore[override]
+        return {}
+
+
+def joint_norm_entries(model: MultiTaskNet) -> dict[str, Norm]:
+    """The active task's norms, at the paths the shared base keeps its plain norms."""
+    out = {}
+    for p, m in model.features.named_modules():
+        if isinstance(m, TaskNorms) and (values := _snapshot(m.per_task[m.active])):
+            out[f"features.{p}"] = Norm(values)
+    return out
+
+
+def joint_head_entry(model: MultiTaskNet) -> dict[str, Head]:
+    head = model.heads[model.tasks.index(model.active_task)]
+    return {"head": Head(head.weight.detach().clone(), head.bias.detach().clone())}
 
 
 def set_trainable(model: TaskNet, norms: bool) -> None:

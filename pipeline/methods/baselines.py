@@ -1,10 +1,11 @@
-"""The baselines every paper compares against: fine-tune, linear probe, norms + head."""
+"""The baselines every paper compares against: fine-tune, linear probe, norms + head, and the
+joint fine-tune of the multi-task setting."""
 from __future__ import annotations
 
 from pipeline.backbones import TaskNet
 from pipeline.delta import TaskDelta
 from pipeline.methods import register
-from pipeline.methods.base import Method, all_tensor_entries, head_entry, norm_entries
+from pipeline.methods.base import JointMethod, Method, all_tensor_entries, head_entry, norm_entries
 
 
 @register
@@ -39,3 +40,11 @@ class NormHead(Method):
 
     def task_delta(self, model: TaskNet, task: str) -> TaskDelta:
         return TaskDelta(task, self.name, norm_entries(model) | head_entry(model))
+
+
+@register
+class JointFineTune(JointMethod):
+    """The joint baseline (the papers' "multi-task" / "joint fine-tune"): one backbone trained
+    on every task at once; per task only norms and head. The shared weights are the base."""
+
+    name = "joint_finetune"

@@ -1,0 +1,148 @@
+"""How a joint training step grows with the number of tasks K, as ratios measured in one run.
+
+A joint step runs one batch of every task (forward and backward per task, one optimiser
+step), so its time should be about K incremental fine-tune steps, and its peak memory should
+grow only by the per-task parameters (norms, heads; joint TAPS: K dense deltas), not by K
+batches of activations (each task's backward runs before the next task's forward).
+
+Time: every (method, K) step and a plain fine-tune step interleaved in rounds; reported as
+joint step / (K x fine-tune step). Memory: each (method, K) in a fresh interpreter, peak RSS
+after a few steps (``--no-memory`` skips it).
+
+    .venv/bin/python benchmarks/joint_step.py [--tasks 1 2 4] [--image-size 64] [--batch 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.backbones import build_backbone
+from pipeline.data import Split, TaskData
+from pipeline.methods import build_method
+from pipeline.methods.base import JointContext
+from pipeline.train import MEMORY_FORMAT, Schedule
+from pipeline.train_joint import build_model
+
+
+def synthetic_tasks(k: int, n: int, size: int) -> dict[str, TaskData]:
+    gen = torch.Generator().manual_seed(0)
+    split = lambda: Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen),  # noqa: E731
+                          torch.randint(0, 10, (n,), generator=gen))
+    return {f"t{i}": TaskData(f"t{i}", 10, split(), split(), split()) for i in range(k)}
+
+
+def joint_step(bb, method_name: str, k: int, size: int, batch: int):
+    """A step of ``method_name`` over ``k`` tasks, as ``pipeline.train_joint`` takes it."""
+    tasks = synthetic_tasks(k, batch, size)
+    method = build_method(method_name)
+    method.context = JointContext(bb, tasks, Schedule(1, batch, 1e-3), 0)
+    if method_name == "adashare":  # the search's weight step: every block a soft mixture
+        from pipeline.blocks import skippable_blocks
+        from pipeline.methods.adashare import policy_blocks
+
+        method.blocks = [f"features.{p}" for p in skippable_blocks(bb.features, size)]
+        method.stage = "search"
+    model = build_model(bb, tasks, method, seed=0)
+    if method_name == "adashare":
+        for _, b in policy_blocks(model):
+            b.mode = "soft"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    xs = {t: (d.train.images.float().div(255).contiguous(memory_format=MEMORY_FORMAT), d.train.labels)
+          for t, d in tasks.items()}
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        for t, (x, y) in xs.items():
+            F.cross_entropy(model.use(t)(x), y).backward()
+        reg = method.regulariser(model, epoch=10)
+        if reg is not None and reg.requires_grad:
+            reg.backward()
+        opt.step()
+
+    return step
+
+
+def finetune_step(bb, size: int, batch: int):
+    model = bb.task_net(10).to(memory_format=MEMORY_FORMAT)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMAT)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def peak_rss_mib(args, method: str, k: int) -> float:
+    """Peak RSS of a fresh interpreter that builds (method, k) and takes 3 steps."""
+    code = (f"import sys; sys.argv=['x']; import torch; torch.set_num_threads({args.threads});"
+            f"from benchmarks.joint_step import *; bb = build_backbone({args.backbone!r}, {args.weights!r});"
+            f"s = joint_step(bb, {method!r}, {k}, {args.image_size}, {args.batch}); [s() for _ in range(3)];"
+            "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="packaged")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--methods", default="joint_finetune,joint_taps,adashare")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per target")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bb = build_backbone(args.backbone, args.weights)
+    targets = {"finetune": finetune_step(bb, args.image_size, args.batch)}
+    for m in args.methods.split(","):
+        for k in args.tasks:
+            targets[f"{m}/K{k}"] = joint_step(bb, m, k, args.image_size, args.batch)
+    for step in targets.values():  # warm-up
+        step()
+    times = {k: [] for k in targets}
+    rng = np.random.default_rng(0)
+    for _ in range(args.steps):
+        for key in rng.permutation(list(targets)):
+            t0 = time.perf_counter()
+            targets[key]()
+            times[key].append(time.perf_counter() - t0)
+    ft = float(np.median(times["finetune"]))
+    rows = {}
+    print(f"{'target':<22} {'median ms':>10} {'/ (K x finetune)':>17} {'peak RSS MiB':>13}")
+    for key, ts in times.items():
+        k = int(key.rsplit("K", 1)[1]) if "/K" in key else 1
+        med = float(np.median(ts))
+        rss = None
+        if not args.no_memory and key != "finetune":
+            rss = peak_rss_mib(args, key.split("/")[0], k)
+        rows[key] = {"median_ms": 1e3 * med, "ratio_to_k_finetune": med / (k * ft), "peak_rss_mib": rss}
+        print(f"{key:<22} {1e3 * med:>10.1f} {med / (k * ft):>17.3f} {'-' if rss is None else f'{rss:.0f}':>13}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": rows, "own_peak_rss_mib":
+                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
