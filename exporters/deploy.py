@@ -6,7 +6,8 @@ Forms (``export.forms`` in the config picks them):
 =============  ==================================================================================
 merged         ``<label>/<task>.onnx``: one self-contained plain model per task (always written)
 shared         ``shared/<label>.<task>.onnx`` (+ ``.data``): weights point into ``shared/base.data``
-               (the base, once) or the task's own data file; sessions share the base in memory
+               (the base, once; a jointly trained base adds ``shared/bases/<sha>.data``) or the
+               task's own data file; sessions share the base in memory
 switch         ``shared/<label>.switch.onnx`` + ``<label>.<task>.onnx_adapter``: one session, the
                task picked per request by an onnxruntime adapter
 branch         low-rank deltas as side branches on the untouched base layers, in the shared and
@@ -26,9 +27,10 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.forms import BASE_DATA, FormError, SharedWeights, SharedWriter, to_fp16, to_int8
+from exporters.forms import BASE_DATA, EXTRA_BASES, FormError, SharedWeights, SharedWriter, to_fp16, to_int8
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter, parity, session
+from pipeline.backbones import TaskNet
 from pipeline.io import atomic_dir, write_json
 
 FORMS = ("shared", "switch", "branch", "fp16", "int8")
@@ -100,12 +102,34 @@ class FormBuilder:
         with atomic_dir(self.exports / SHARED) as tmp:
             writer = SharedWriter(tmp, base)
             manifest["base_data"] = {"file": f"{SHARED}/{BASE_DATA}", "bytes": writer.base_bytes}
+            bases: dict[str, onnx.ModelProto] = {}
             for label, bundle in bundles.items():
-                manifest["methods"][label] = self._method(writer, tmp, label, bundle, base, images, checks)
+                own_base = self._bundle_base(writer, bundle, bases)
+                manifest["methods"][label] = self._method(writer, tmp, label, bundle, own_base, images, checks)
+            extra = sorted((tmp / EXTRA_BASES).glob("*.data")) if (tmp / EXTRA_BASES).is_dir() else []
+            manifest["extra_bases"] = {f"{SHARED}/{p.relative_to(tmp)}": p.stat().st_size for p in extra}
+            if (tmp / EXTRA_BASES).is_dir() and not extra:
+                (tmp / EXTRA_BASES).rmdir()
             # checks read the shared folder where it is being written; it moves into place after
             self._check_shared(tmp, manifest, images, checks)
         write_json(self.exports / "forms.json", manifest)
         return {"forms": manifest, "checks": checks}
+
+    def _bundle_base(self, writer: SharedWriter, bundle, bases: dict[str, onnx.ModelProto]) -> onnx.ModelProto:
+        """The bundle's base as a graph, registered with the writer once per distinct base file.
+        A jointly trained base differs from the pretrained one: its tensors go to
+        ``bases/<sha>.data``, so its tasks share it as the others share ``base.data``."""
+        sha = bundle.manifest["files"]["base.safetensors"]["sha256"]
+        if sha not in bases:
+            info = bundle.manifest["backbone"]
+            classes = next(iter(bundle.manifest["tasks"].values()))["num_classes"]
+            model = TaskNet(bundle.base.features, torch.nn.Linear(info["num_features"], classes))
+            with tempfile.TemporaryDirectory() as d:
+                bases[sha] = onnx.load(str(self.exporter.export(model, Path(d) / "base.onnx")))
+            added = writer.add_base(f"{EXTRA_BASES}/{sha[:16]}.data", bases[sha])
+            if added:
+                self.log(f"  {bundle.root.name}: its own base (jointly trained), {added:,} bytes shared by its tasks")
+        return bases[sha]
 
     def _method(self, writer: SharedWriter, tmp: Path, label: str, bundle, base, images, checks) -> dict:
         tasks = bundle.tasks
@@ -136,7 +160,7 @@ class FormBuilder:
             info = writer.write_graph(f"{name}.{t}", _copy(g))
             files[t] = f"{SHARED}/{name}.{t}.onnx"
             detail[t] = info
-        listed = sorted({f"{SHARED}/{f}" for i in detail.values() for f in i["files"]} | {f"{SHARED}/{BASE_DATA}"})
+        listed = sorted({f"{SHARED}/{f}" for i in detail.values() for f in i["files"]})
         return {"kind": "sessions", "shared_weights": True, "tasks": files, "files": listed, "detail": detail}
 
     def _switch(self, writer: SharedWriter, name: str, graphs: dict[str, onnx.ModelProto], base) -> dict:
@@ -145,7 +169,7 @@ class FormBuilder:
         except FormError as err:
             self.log(f"  {name}: no switch form: {err}")
             return {"kind": "adapters", "unavailable": str(err)}
-        files = [f"{SHARED}/{f}" for f in info["files"]] + [f"{SHARED}/{BASE_DATA}"]
+        files = [f"{SHARED}/{f}" for f in info["files"]]
         adapters = {t: f"{SHARED}/{a['file']}" for t, a in info["adapters"].items()}
         return {"kind": "adapters", "graph": f"{SHARED}/{name}.switch.onnx", "tasks": adapters,
                 "files": sorted(set(files) | set(adapters.values())), "switched_tensors": len(info["inputs"])}
@@ -201,5 +225,5 @@ class FormBuilder:
                     else:
                         got = _logits(session(path, self.threads, initializers=weights.initializers(path)), x)
                     checks[f"{label}/{t}/{form}"] = compare_logits(ref, got)
-                spec["bytes"] = sum((folder / Path(f).name).stat().st_size if f.startswith(SHARED)
+                spec["bytes"] = sum((folder / Path(f).relative_to(SHARED)).stat().st_size if f.startswith(f"{SHARED}/")
                                     else (self.exports / f).stat().st_size for f in spec["files"])

@@ -26,6 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.io import atomic_path
 
 BASE_DATA = "base.data"
+# further shared bases (a jointly trained backbone is its bundle's base): bases/<id>.data, each
+# holding only the tensors no earlier base has; task files never contain a "/"
+EXTRA_BASES = "bases"
 INLINE_BYTES = 1024  # smaller tensors stay inside the graph (onnx.save's default threshold)
 ALIGN = 64  # byte alignment of every tensor in a data file (SIMD loads straight from the buffer)
 
@@ -91,26 +94,38 @@ class SharedWriter:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.inline_bytes = inline_bytes
-        data = _DataFile(self.out / BASE_DATA)
-        for init in base.graph.initializer:
+        self.bases: dict[str, tuple[str, int, int]] = {}  # tensor key -> (base file, offset, length)
+        self.base_bytes = self.add_base(BASE_DATA, base)
+
+    def add_base(self, location: str, model: onnx.ModelProto) -> int:
+        """Register another shared base: its tensors that no registered base holds go to
+        ``location`` (relative to the folder), written once. Returns the bytes written; an
+        empty file (every tensor already shared) is not kept."""
+        (self.out / location).parent.mkdir(parents=True, exist_ok=True)
+        data = _DataFile(self.out / location)
+        for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
-            if arr.nbytes >= inline_bytes:
-                data.add(arr)
-        self.base = dict(data.offsets)
-        self.base_bytes = data.close()
+            if arr.nbytes >= self.inline_bytes and _key(arr) not in self.bases:
+                self.bases[_key(arr)] = (location, *data.add(arr))
+        size = data.close()
+        if not size and location != BASE_DATA:
+            (self.out / location).unlink()
+        return size
 
     def write_graph(self, name: str, model: onnx.ModelProto) -> dict:
         """Save ``model`` as ``name.onnx`` (+ ``name.data`` for its own tensors); the model's
         tensors are moved out of the proto. Returns bytes and counts."""
         own = _DataFile(self.out / f"{name}.data")
         shared = own_n = 0
+        used = set()
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
             if arr.nbytes < self.inline_bytes:
                 continue
             key = _key(arr)
-            if key in self.base:
-                _set_external(init, BASE_DATA, *self.base[key])
+            if key in self.bases:
+                _set_external(init, *self.bases[key])
+                used.add(self.bases[key][0])
                 shared += 1
             else:
                 _set_external(init, f"{name}.data", *own.add(arr))
@@ -119,7 +134,7 @@ class SharedWriter:
         if not own_n:
             (self.out / f"{name}.data").unlink()
         onnx.save_model(model, str(self.out / f"{name}.onnx"))
-        files = [f"{name}.onnx"] + ([f"{name}.data"] if own_n else [])
+        files = [f"{name}.onnx"] + ([f"{name}.data"] if own_n else []) + sorted(used)
         return {"files": files, "graph_bytes": (self.out / f"{name}.onnx").stat().st_size,
                 "data_bytes": data_bytes, "shared_tensors": shared, "own_tensors": own_n}
 
@@ -187,15 +202,25 @@ def _structure(model: onnx.ModelProto) -> list[bytes]:
 # ------------------------------------------------------------------ loading shared forms
 
 
+def is_base_file(location: str) -> bool:
+    return location == BASE_DATA or location.startswith(f"{EXTRA_BASES}/")
+
+
 class SharedWeights:
-    """``base.data`` read once; every session that points into it gets the same OrtValues
-    (``SessionOptions.add_initializer``), so K tasks hold one copy of the base in memory.
-    Keep this object alive as long as its sessions: onnxruntime does not copy the values."""
+    """The base files (``base.data``, ``bases/*.data``) read once each; every session that points
+    into them gets the same OrtValues (``SessionOptions.add_initializer``), so K tasks hold one
+    copy of their base in memory. Keep this object alive as long as its sessions: onnxruntime
+    does not copy the values."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.buf = np.fromfile(self.folder / BASE_DATA, dtype=np.uint8)
+        self._bufs: dict[str, np.ndarray] = {}
         self._values: dict[tuple, object] = {}
+
+    def _buf(self, location: str) -> np.ndarray:
+        if location not in self._bufs:
+            self._bufs[location] = np.fromfile(self.folder / location, dtype=np.uint8)
+        return self._bufs[location]
 
     def initializers(self, graph: Path) -> "_Initializers":
         import onnxruntime as ort
@@ -207,13 +232,14 @@ class SharedWeights:
             ext = external_info(init)
             # an initializer that is also an input is an adapter's default: onnxruntime must own it
             # (a user-added one is not overridable, and the adapter's value would be ignored)
-            if init.data_location != TensorProto.EXTERNAL or ext.get("location") != BASE_DATA or init.name in inputs:
+            location = ext.get("location", "")
+            if init.data_location != TensorProto.EXTERNAL or not is_base_file(location) or init.name in inputs:
                 continue
             off, length = int(ext["offset"]), int(ext["length"])
             dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-            key = (off, length, dtype.str, tuple(init.dims))
+            key = (location, off, length, dtype.str, tuple(init.dims))
             if key not in self._values:
-                arr = self.buf[off : off + length].view(dtype).reshape(tuple(init.dims))
+                arr = self._buf(location)[off : off + length].view(dtype).reshape(tuple(init.dims))
                 self._values[key] = ort.OrtValue.ortvalue_from_numpy(arr)
             out[init.name] = self._values[key]
         return out

@@ -320,3 +320,25 @@ def test_adashare_refuses_a_backbone_without_skippable_blocks(digits16):
     with pytest.raises(ValueError, match="no skippable block"):
         train_joint(bb, two_tasks(digits16), AdaShare(AdaShareConfig(**FAST_ADASHARE)),
                     Schedule(epochs=1, batch_size=32, lr=0.05), seed=0, progress=False)
+
+
+def test_a_joint_bundle_shares_its_own_base_in_the_deployment_forms(tmp_path):
+    raw = tiny_config(tmp_path, methods=["joint_finetune", "norm_head"], export={"forms": ["shared", "switch"]})
+    raw["backbone"]["kwargs"] = {"width": 32}  # tensors big enough to go to data files (>= 1 KiB)
+    out = tmp_path / "out"
+    Runner(parse_config(raw), out, progress=False, log=lambda s: None).run(until="export")
+    forms = read_json(out / "exports" / "forms.json")
+    (extra, size), = forms["extra_bases"].items()
+    assert extra.startswith("shared/bases/") and size > 0
+    joint, plain = forms["methods"]["joint_finetune"], forms["methods"]["norm_head"]
+    assert extra in joint["shared"]["files"] and extra in joint["switch"]["files"]
+    assert "shared/base.data" not in joint["shared"]["files"] and "shared/base.data" in plain["shared"]["files"]
+    assert extra not in plain["shared"]["files"]
+    # per task only norms and head are the task's own, as for norm_head on the pretrained base
+    own = lambda form: sum(d["data_bytes"] for d in form["detail"].values())  # noqa: E731
+    assert own(joint["shared"]) == own(plain["shared"])
+    checks = read_json(out / "stages" / "export.json")["form_checks"]
+    for task in ("digits", "digits_neg"):
+        for form in ("shared", "switch"):
+            assert checks[f"joint_finetune/{task}/{form}"]["max_abs_diff"] < 1e-4
+            assert checks[f"joint_finetune/{task}/{form}"]["argmax_agree"] == 1.0
