@@ -298,8 +298,7 @@ class Runner:
                  f"one batch of every task per step" + (f", from {m.base}'s shared weights" if m.base else ""))
         outcome = train_joint(self.start_backbone(m), tasks, method, schedule, c.run.seed, unit, h, self.progress)
         model, base = outcome.model, outcome.model.shared_base()
-        seconds = round(outcome.seconds + sum(x["train_seconds"] for x in outcome.candidates
-                                              if x["candidate"] != outcome.candidate), 2)
+        seconds = round(outcome.unit_seconds, 2)  # a search and every candidate included
         deltas = {task: method.task_delta(model, task) for task in tasks}
         checks = {t: self._fold_check(model.use(t), base, d, f"{m.label}/{t}") for t, d in deltas.items()}
         for task, data in tasks.items():  # every task checked before anything is written

@@ -47,6 +47,7 @@ class JointOutcome:
     resumed_from_epoch: int = 0
     candidate: int = 0  # which of the method's candidates this is
     candidates: list[dict] = field(default_factory=list)  # every candidate's final validation
+    unit_seconds: float = 0.0  # ``train_joint`` in all: the method's setup (a search) and every candidate
 
     @property
     def mean_val(self) -> float:
@@ -58,6 +59,7 @@ def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMet
                 stop_after_epoch: int | None = None) -> JointOutcome:
     """Train ``method`` on all ``tasks``; with several candidates, keep the best mean validation."""
     workdir = Path(workdir) if workdir is not None else None
+    t0 = time.perf_counter()
     method.setup(JointContext(backbone, tasks, schedule, seed, workdir, signature, progress))
     best, seen = None, []
     for i in range(method.candidates):
@@ -71,6 +73,7 @@ def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMet
             best = out
     method.select(best.candidate)
     best.candidates = seen
+    best.unit_seconds = time.perf_counter() - t0
     return best
 
 

@@ -46,8 +46,11 @@ class AdaShareConfig(JointConfig):
                                          "(the paper: 1; default: all blocks free by the last search epoch)")
     temperature: float = Field(5.0, gt=0, description="initial Gumbel-softmax temperature")
     temperature_decay: float = Field(0.965, gt=0, le=1, description="factor after every policy phase")
-    policy_lr: float = Field(0.01, gt=0, description="Adam learning rate of the policy logits")
-    lam_sparsity: float = Field(0.05, ge=0, description="weight of sum log p_execute (the paper's lambda_sp)")
+    # 0.1, not the reference's 0.01: a search here is tens of policy steps, not thousands, and Adam
+    # moves a logit by about lr per step (at 0.01, p(execute) could go from 0.5 to 0.56 at most)
+    policy_lr: float = Field(0.1, gt=0, description="Adam learning rate of the policy logits")
+    # 0.05 made every task skip every block on the quickstart's tasks; 0.01 leaves the early ones
+    lam_sparsity: float = Field(0.01, ge=0, description="weight of sum log p_execute (the paper's lambda_sp)")
     lam_sharing: float = Field(0.05, ge=0, description="weight of the depth-weighted policy difference (lambda_sh)")
     samples: int = Field(2, ge=1, description="architectures retrained from the learned policy; best val kept")
 
