@@ -86,15 +86,9 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch)
     outcome = TrainOutcome(model)
     ckpt = Path(workdir) / "checkpoint.pt" if workdir is not None else None
+    stateful = {"model": model, "optimizer": opt, "scheduler": sched}
     start = 0
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("signature") != signature:
-            raise TrainingError(f"{ckpt}: checkpoint belongs to another config (signature {state.get('signature')!r}, "
-                                f"this run {signature!r}); delete it or use another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    if (state := load_checkpoint(ckpt, signature, stateful)) is not None:
         outcome.history = state["history"]
         start = outcome.resumed_from_epoch = state["epoch"] + 1
     t0 = time.perf_counter()
@@ -129,11 +123,7 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
         outcome.history.append({"epoch": epoch + 1, "train_loss": total / max(1, count), "val_acc": val})
         if progress:
             tqdm.write(f"  {method.name}/{data.name} epoch {epoch + 1}: loss {total / max(1, count):.4f}, val acc {val:.4f}")
-        if ckpt is not None:
-            with atomic_path(ckpt) as tmp:
-                torch.save({"signature": signature, "epoch": epoch, "model": model.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "history": outcome.history}, tmp)
+        save_checkpoint(ckpt, signature, epoch, outcome.history, stateful)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     finished = len(outcome.history) == schedule.epochs
@@ -144,6 +134,30 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     # not two conv kernels (channels_last and contiguous convs round differently, ~1e-4)
     model.to(memory_format=torch.contiguous_format).eval()
     return outcome
+
+
+def load_checkpoint(ckpt: Path | None, signature: str, stateful: dict) -> dict | None:
+    """Restore ``stateful`` (name -> object with ``load_state_dict``) from ``ckpt`` if it exists;
+    a checkpoint of another config is refused. Returns the checkpoint (epoch, history) or None."""
+    if ckpt is None or not ckpt.is_file():
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state.get("signature") != signature:
+        raise TrainingError(f"{ckpt}: checkpoint belongs to another config (signature {state.get('signature')!r}, "
+                            f"this run {signature!r}); delete it or use another --out")
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    return state
+
+
+def save_checkpoint(ckpt: Path | None, signature: str, epoch: int, history: list, stateful: dict) -> None:
+    """Write the state after ``epoch`` atomically (a killed run keeps the previous checkpoint)."""
+    if ckpt is None:
+        return
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt) as tmp:
+        torch.save({"signature": signature, "epoch": epoch, "history": history}
+                   | {name: obj.state_dict() for name, obj in stateful.items()}, tmp)
 
 
 def recalibrate_norms(model: TaskNet, split: Split, backbone: Backbone, batch_size: int) -> None:

@@ -31,10 +31,9 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones import Backbone
 from pipeline.data import Split, TaskData, normalise
-from pipeline.io import atomic_path
 from pipeline.methods.base import NORM_TYPES, JointContext, JointMethod
 from pipeline.multitask import MultiTaskNet, TaskNorms
-from pipeline.train import MEMORY_FORMAT, Schedule, TrainingError, evaluate
+from pipeline.train import MEMORY_FORMAT, Schedule, TrainingError, evaluate, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -118,17 +117,9 @@ def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMetho
     steps_per_epoch = {ph: math.ceil(max(len(s) for s in sp.values()) / schedule.batch_size) for ph, sp in splits.items()}
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch["weights"])
     outcome = JointOutcome(model)
+    stateful = {"model": model, "optimizer": opt, "scheduler": sched} | ({"policy_optimizer": popt} if popt else {})
     start = 0
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("signature") != signature:
-            raise TrainingError(f"{ckpt}: checkpoint belongs to another config (signature {state.get('signature')!r}, "
-                                f"this run {signature!r}); delete it or use another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if popt is not None:
-            popt.load_state_dict(state["policy_optimizer"])
+    if (state := load_checkpoint(ckpt, signature, stateful)) is not None:
         outcome.history = state["history"]
         start = outcome.resumed_from_epoch = state["epoch"] + 1
     trainable = {"weights": heads + body, "policy": policy}
@@ -152,13 +143,7 @@ def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMetho
                                 "mean_val_acc": mean(val.values())})
         if progress:
             tqdm.write(f"  {desc} epoch {epoch + 1}: loss {losses}, mean val acc {mean(val.values()):.4f}")
-        if ckpt is not None:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(ckpt) as tmp:
-                torch.save({"signature": signature, "epoch": epoch, "model": model.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "policy_optimizer": popt.state_dict() if popt is not None else None,
-                            "history": outcome.history}, tmp)
+        save_checkpoint(ckpt, signature, epoch, outcome.history, stateful)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     if len(outcome.history) == schedule.epochs and schedule.recalibrate_norms and method.task_norms:
