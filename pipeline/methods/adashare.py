@@ -134,6 +134,7 @@ class AdaShare(JointMethod):
         super().__init__(config)
         self.stage = "retrain"
         self.search_logits: torch.Tensor | None = None  # (K, L, 2) after the search
+        self.search_history: list[dict] = []
         self.policies: list[torch.Tensor] = []  # (K, L) bool execute, one per candidate
         self.selected = 0
         self.blocks: list[str] = []
