@@ -54,10 +54,6 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleList(heads.values())
         self._active = 0
 
-    @property
-    def active_task(self) -> str:
-        return self.tasks[self._active]
-
     def use(self, task: str) -> "MultiTaskNet":
         """Switch every per-task part to ``task``; returns self, so ``model.use(t)(x)`` works."""
         if task not in self.tasks:
@@ -68,8 +64,13 @@ class MultiTaskNet(nn.Module):
                 m.active = self._active
         return self
 
+    @property
+    def head(self) -> nn.Module:
+        """The active task's head (so code written for a ``TaskNet`` reads it alike)."""
+        return self.heads[self._active]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads[self._active](self.features(x))
+        return self.head(self.features(x))
 
     def switches(self, kind: type) -> list[tuple[str, nn.Module]]:
         return [(p, m) for p, m in self.named_modules() if isinstance(m, kind)]

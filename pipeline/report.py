@@ -17,14 +17,14 @@ from pipeline.sharing_report import table as relation_table
 if TYPE_CHECKING:
     from pipeline.run import Runner
 
-JOINT_UNIT = "@joint"  # pipeline.run.JOINT_UNIT (not imported: run imports torch and the methods)
-
 SCHEMA = "taskfold-results/1"
 DEPLOY_PLOT = "Deployment: storage against latency"
 
 
 def collect(r: "Runner") -> dict:
     """Gather every stage's records into one results document."""
+    from pipeline.run import JOINT_UNIT
+
     c = r.cfg
     prepare = r.record("prepare") or {}
     fold = r.record("fold") or {}

@@ -275,9 +275,7 @@ class Runner:
         methods do, so fold and report read both alike."""
         c = self.cfg
         names = [t.name for t in c.tasks]
-        entry = next(e for e in c.to_jsonable()["methods"] if e["label"] == m.label)
-        h = c.section_hash("train", self.hashes["prepare"], entry, names, c.train.model_dump(), c.run.seed,
-                           *([self._joint_hashes[m.base]] if m.base else []))
+        h = self._unit_hash(m.label, names)  # one unit for every task
         unit = self.out / "train" / m.label / JOINT_UNIT
         done = (unit / "result.json").is_file() and read_json(unit / "result.json").get("hash") == h and all(
             (self.out / "train" / m.label / t / "delta.safetensors").is_file() for t in names)

@@ -77,11 +77,8 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     model = backbone.task_net(data.num_classes, seed).to(memory_format=MEMORY_FORMAT)
     method.prepare(model)
     head = {id(p) for p in model.head.parameters()}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
-    groups = [{"params": list(model.head.parameters()), "lr": schedule.lr * schedule.head_lr_scale}]
-    if body:
-        groups.append({"params": body, "lr": schedule.lr})
-    opt = torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    opt = sgd(list(model.head.parameters()),
+              [p for p in model.parameters() if p.requires_grad and id(p) not in head], schedule)
     steps_per_epoch = math.ceil(len(data.train) / schedule.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch)
     outcome = TrainOutcome(model)
@@ -134,6 +131,14 @@ def train_task(backbone: Backbone, data: TaskData, method: Method, schedule: Sch
     # not two conv kernels (channels_last and contiguous convs round differently, ~1e-4)
     model.to(memory_format=torch.contiguous_format).eval()
     return outcome
+
+
+def sgd(heads: list, body: list, schedule: Schedule) -> torch.optim.SGD:
+    """SGD with momentum; the heads (new, randomly initialised) at ``head_lr_scale`` x the lr."""
+    groups = [{"params": heads, "lr": schedule.lr * schedule.head_lr_scale}]
+    if body:
+        groups.append({"params": body, "lr": schedule.lr})
+    return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
 
 
 def load_checkpoint(ckpt: Path | None, signature: str, stateful: dict) -> dict | None:

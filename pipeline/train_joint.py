@@ -33,7 +33,8 @@ from pipeline.backbones import Backbone
 from pipeline.data import Split, TaskData, normalise
 from pipeline.methods.base import NORM_TYPES, JointContext, JointMethod
 from pipeline.multitask import MultiTaskNet, TaskNorms
-from pipeline.train import MEMORY_FORMAT, Schedule, TrainingError, evaluate, load_checkpoint, save_checkpoint
+from pipeline.train import (MEMORY_FORMAT, Schedule, TrainingError, evaluate, load_checkpoint, save_checkpoint,
+                            sgd)
 
 
 @dataclass
@@ -106,9 +107,7 @@ def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMetho
     heads = list(model.heads.parameters())
     skip = {id(p) for p in heads} | {id(p) for p in policy}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
-    groups = [{"params": heads, "lr": schedule.lr * schedule.head_lr_scale}] + (
-        [{"params": body, "lr": schedule.lr}] if body else [])
-    opt = torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    opt = sgd(heads, body, schedule)
     popt = method.policy_optimizer(policy) if policy else None
     splits = {"weights": {t: d.train for t, d in tasks.items()}}
     if policy:

@@ -33,7 +33,7 @@ from torch import nn
 from pipeline.blocks import skippable_blocks
 from pipeline.delta import Skip, TaskDelta
 from pipeline.methods import register
-from pipeline.methods.base import JointConfig, JointContext, JointMethod, joint_head_entry, joint_norm_entries
+from pipeline.methods.base import JointConfig, JointContext, JointMethod, head_entry, joint_norm_entries
 from pipeline.multitask import MultiTaskNet, TaskSwitch
 
 EXECUTE, SKIP = 0, 1
@@ -235,7 +235,7 @@ class AdaShare(JointMethod):
             path = _shared_path(path, self.blocks)
             if not any(path.startswith(f"{s}.") for s in skipped):  # a skipped block's norms are not needed
                 entries[path] = norm
-        entries |= joint_head_entry(model)
+        entries |= head_entry(model)
         return TaskDelta(task, self.name, entries, gate_bits=len(policy_blocks(model)))
 
     def describe(self, model: MultiTaskNet, task: str) -> dict:

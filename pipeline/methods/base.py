@@ -177,7 +177,7 @@ class JointMethod(Method):
 
     def task_delta(self, model: MultiTaskNet, task: str) -> TaskDelta:  # type: ignore[override]
         model.use(task)
-        return TaskDelta(task, self.name, joint_norm_entries(model) | joint_head_entry(model))
+        return TaskDelta(task, self.name, joint_norm_entries(model) | head_entry(model))
 
     def describe(self, model: MultiTaskNet, task: str) -> dict:  # type: ignore[override]
         return {}
@@ -190,11 +190,6 @@ def joint_norm_entries(model: MultiTaskNet) -> dict[str, Norm]:
         if isinstance(m, TaskNorms) and (values := _snapshot(m.per_task[m.active])):
             out[f"features.{p}"] = Norm(values)
     return out
-
-
-def joint_head_entry(model: MultiTaskNet) -> dict[str, Head]:
-    head = model.heads[model.tasks.index(model.active_task)]
-    return {"head": Head(head.weight.detach().clone(), head.bias.detach().clone())}
 
 
 def set_trainable(model: TaskNet, norms: bool) -> None:
@@ -237,7 +232,8 @@ def norm_entries(model: TaskNet) -> dict[str, Norm]:
     return out
 
 
-def head_entry(model: TaskNet) -> dict[str, Head]:
+def head_entry(model: TaskNet | MultiTaskNet) -> dict[str, Head]:
+    """The head (a ``MultiTaskNet``'s: the active task's)."""
     return {"head": Head(model.head.weight.detach().clone(), model.head.bias.detach().clone())}
 
 

@@ -15,9 +15,9 @@ from torch.nn.utils import parametrize
 
 from pipeline.delta import Replace, TaskDelta
 from pipeline.methods import register
-from pipeline.methods.base import (JointConfig, JointMethod, adaptable_layers, joint_head_entry, joint_norm_entries,
+from pipeline.methods.base import (JointConfig, JointMethod, adaptable_layers, head_entry, joint_norm_entries,
                                    parametrized_layers)
-from pipeline.methods.taps import TapsConfig
+from pipeline.methods.taps import TapsConfig, straight_through_gate
 from pipeline.multitask import MultiTaskNet, TaskSwitch
 
 
@@ -38,9 +38,7 @@ class JointTapsGate(nn.Module, TaskSwitch):
         return bool(self.scores[task].detach() >= self.tau)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        s = self.scores[self.active]
-        gate = (s >= self.tau).to(s.dtype) + (s - s.detach())  # exactly 0 or 1 forward
-        return weight + gate * self.deltas[self.active]
+        return weight + straight_through_gate(self.scores[self.active], self.tau) * self.deltas[self.active]
 
 
 def gates(model: nn.Module) -> list[tuple[str, nn.Module, JointTapsGate]]:
@@ -71,7 +69,7 @@ class JointTaps(JointMethod):
         k = model.tasks.index(task)
         layers = gates(model)
         entries = {path: Replace({"weight": m.weight.detach().clone()}) for path, m, g in layers if g.is_on(k)}
-        return TaskDelta(task, self.name, entries | joint_norm_entries(model) | joint_head_entry(model),
+        return TaskDelta(task, self.name, entries | joint_norm_entries(model) | head_entry(model),
                          gate_bits=len(layers))
 
     def describe(self, model: MultiTaskNet, task: str) -> dict:

@@ -30,6 +30,13 @@ class TapsConfig(MethodConfig):
     l1_warmup_epochs: int = Field(1, ge=0, description="epochs before the L1 term is switched on")
 
 
+def straight_through_gate(score: torch.Tensor, tau: float) -> torch.Tensor:
+    """``I(score >= tau)`` forward, the gradient of ``score`` backward. Exactly 0 or 1: written
+    ``hard + (s - s.detach())``, as ``(hard + s) - s`` is not exactly 1 in float32."""
+    hard = (score >= tau).to(score.dtype)
+    return hard + (score - score.detach())
+
+
 class TapsGate(nn.Module):
     """Parametrisation ``w -> w + I(s >= tau) * dw`` with a straight-through indicator."""
 
@@ -43,8 +50,7 @@ class TapsGate(nn.Module):
         return bool(self.score.detach() >= self.tau)
 
     def gate(self) -> torch.Tensor:
-        hard = (self.score >= self.tau).to(self.score.dtype)
-        return hard + (self.score - self.score.detach())  # exactly 0 or 1 forward
+        return straight_through_gate(self.score, self.tau)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.gate() * self.delta
