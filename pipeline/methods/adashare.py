@@ -228,7 +228,9 @@ class AdaShare(JointMethod):
     def task_delta(self, model: MultiTaskNet, task: str) -> TaskDelta:
         model.use(task)
         k = model.tasks.index(task)
-        base = model.shared_base()
+        # the block's tensor names, read off the starting backbone (same architecture as the
+        # shared base, and no copy of the model per task)
+        base = self.context.backbone.base_net()
         skipped = [p for p, b in policy_blocks(model) if not bool(b.execute[k])]
         entries = {p: Skip.of(base.get_submodule(p)) for p in skipped}
         for path, norm in joint_norm_entries(model).items():
