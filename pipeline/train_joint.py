@@ -101,7 +101,6 @@ def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMetho
               stop_after_epoch: int | None = None, desc: str = "joint") -> JointOutcome:
     """One joint training of one model (``train_joint`` runs one per candidate)."""
     torch.manual_seed(seed)
-    names = list(tasks)
     model = build_model(backbone, tasks, method, seed)
     policy = method.policy_parameters(model)
     heads = list(model.heads.parameters())
@@ -137,21 +136,23 @@ def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMetho
                                    f"{desc} {phase} epoch {epoch + 1}/{schedule.epochs}")
         for p in trainable["weights"] + trainable["policy"]:
             p.requires_grad_(True)
-        val = {t: evaluate(model.use(t), tasks[t].val, backbone.mean, backbone.std) for t in names}
-        outcome.history.append({"epoch": epoch + 1, "train_loss": losses, "val_acc": val,
-                                "mean_val_acc": mean(val.values())})
+        outcome.history.append({"epoch": epoch + 1, "train_loss": losses, **_validate(model, tasks, backbone)})
         if progress:
-            tqdm.write(f"  {desc} epoch {epoch + 1}: loss {losses}, mean val acc {mean(val.values()):.4f}")
+            tqdm.write(f"  {desc} epoch {epoch + 1}: loss {losses}, mean val acc {outcome.mean_val:.4f}")
         save_checkpoint(ckpt, signature, epoch, outcome.history, stateful)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     if len(outcome.history) == schedule.epochs and schedule.recalibrate_norms and method.task_norms:
         recalibrate_task_norms(model, tasks, backbone, schedule.batch_size)
-        outcome.history[-1]["mean_val_acc"] = mean(
-            evaluate(model.use(t), tasks[t].val, backbone.mean, backbone.std) for t in names)
+        outcome.history[-1].update(_validate(model, tasks, backbone))  # what candidates are compared on
     outcome.seconds = time.perf_counter() - t0
     model.to(memory_format=torch.contiguous_format).eval()
     return outcome
+
+
+def _validate(model: MultiTaskNet, tasks: dict[str, TaskData], backbone: Backbone) -> dict:
+    val = {t: evaluate(model.use(t), d.val, backbone.mean, backbone.std) for t, d in tasks.items()}
+    return {"val_acc": val, "mean_val_acc": mean(val.values())}
 
 
 def _epoch(model: MultiTaskNet, method: JointMethod, splits: dict[str, Split], backbone: Backbone,
