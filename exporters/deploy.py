@@ -106,10 +106,7 @@ class FormBuilder:
             for label, bundle in bundles.items():
                 own_base = self._bundle_base(writer, bundle, bases)
                 manifest["methods"][label] = self._method(writer, tmp, label, bundle, own_base, images, checks)
-            extra = sorted((tmp / EXTRA_BASES).glob("*.data")) if (tmp / EXTRA_BASES).is_dir() else []
-            manifest["extra_bases"] = {f"{SHARED}/{p.relative_to(tmp)}": p.stat().st_size for p in extra}
-            if (tmp / EXTRA_BASES).is_dir() and not extra:
-                (tmp / EXTRA_BASES).rmdir()
+            manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items() if loc != BASE_DATA}
             # checks read the shared folder where it is being written; it moves into place after
             self._check_shared(tmp, manifest, images, checks)
         write_json(self.exports / "forms.json", manifest)

@@ -95,22 +95,23 @@ class SharedWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.inline_bytes = inline_bytes
         self.bases: dict[str, tuple[str, int, int]] = {}  # tensor key -> (base file, offset, length)
+        self.base_files: dict[str, int] = {}  # base file written -> bytes
         self.base_bytes = self.add_base(BASE_DATA, base)
 
     def add_base(self, location: str, model: onnx.ModelProto) -> int:
         """Register another shared base: its tensors that no registered base holds go to
-        ``location`` (relative to the folder), written once. Returns the bytes written; an
-        empty file (every tensor already shared) is not kept."""
+        ``location`` (relative to the folder), written once. Returns the bytes written; no file
+        is written when every tensor is already shared."""
+        arrays = [numpy_helper.to_array(init) for init in model.graph.initializer]
+        new = [a for a in arrays if a.nbytes >= self.inline_bytes and _key(a) not in self.bases]
+        if not new and location != BASE_DATA:
+            return 0
         (self.out / location).parent.mkdir(parents=True, exist_ok=True)
         data = _DataFile(self.out / location)
-        for init in model.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            if arr.nbytes >= self.inline_bytes and _key(arr) not in self.bases:
-                self.bases[_key(arr)] = (location, *data.add(arr))
-        size = data.close()
-        if not size and location != BASE_DATA:
-            (self.out / location).unlink()
-        return size
+        for arr in new:
+            self.bases[_key(arr)] = (location, *data.add(arr))
+        self.base_files[location] = data.close()
+        return self.base_files[location]
 
     def write_graph(self, name: str, model: onnx.ModelProto) -> dict:
         """Save ``model`` as ``name.onnx`` (+ ``name.data`` for its own tensors); the model's
