@@ -29,8 +29,7 @@ import torch
 
 from exporters.forms import BASE_DATA, EXTRA_BASES, FormError, SharedWeights, SharedWriter, to_fp16, to_int8
 from exporters.latency import runner
-from exporters.onnx import OnnxExporter, parity, session
-from pipeline.backbones import TaskNet
+from exporters.onnx import OnnxExporter, base_model, parity, session
 from pipeline.io import atomic_dir, write_json
 
 FORMS = ("shared", "switch", "branch", "fp16", "int8")
@@ -120,12 +119,12 @@ class FormBuilder:
         if sha not in bases:
             info = bundle.manifest["backbone"]
             classes = next(iter(bundle.manifest["tasks"].values()))["num_classes"]
-            model = TaskNet(bundle.base.features, torch.nn.Linear(info["num_features"], classes))
+            model = base_model(bundle.base.features, info["num_features"], classes)
             with tempfile.TemporaryDirectory() as d:
                 bases[sha] = onnx.load(str(self.exporter.export(model, Path(d) / "base.onnx")))
             added = writer.add_base(f"{EXTRA_BASES}/{sha[:16]}.data", bases[sha])
             if added:
-                self.log(f"  {bundle.root.name}: its own base (jointly trained), {added:,} bytes shared by its tasks")
+                self.log(f"  {bundle.root.name}: a base of its own, {added:,} bytes not in base.data, shared by its tasks")
         return bases[sha]
 
     def _method(self, writer: SharedWriter, tmp: Path, label: str, bundle, base, images, checks) -> dict:

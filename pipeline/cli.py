@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from exporters.runtime import RuntimeUnavailable
 from pipeline.backbones import BackboneError
 from pipeline.bundle import BundleError
 from pipeline.config import ConfigError
@@ -13,7 +14,7 @@ from pipeline.data import DataError
 from pipeline.run import STAGES
 from pipeline.train import TrainingError
 
-USER_ERRORS = (ConfigError, BundleError, BackboneError, DataError, TrainingError)
+USER_ERRORS = (ConfigError, BundleError, BackboneError, DataError, TrainingError, RuntimeUnavailable)
 
 
 def _run(args: argparse.Namespace) -> int:

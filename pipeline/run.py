@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
-from torch import nn
 
+from exporters.runtime import onnxruntime
 from pipeline.backbones import Backbone, TaskNet, build_backbone
 from pipeline.bundle import backbone_id, base_state, load_bundle, read_delta, write_bundle, write_delta
 from pipeline.config import RunConfig
@@ -123,11 +123,14 @@ class Runner:
     def run(self, until: str = "report", force: tuple[str, ...] = ()) -> dict:
         if until not in STAGES:
             raise ValueError(f"--until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
+        if STAGES.index(until) >= STAGES.index("export"):
+            onnxruntime()  # fail now, not after training, when no runtime is installed
         torch.set_num_threads(self.cfg.run.threads)
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.resolved.json", self.cfg.to_jsonable())
-        for name in force:
-            (self.out / "stages" / f"{name}.json").unlink(missing_ok=True)
+        for name in force:  # a forced stage's outputs change what every later stage read
+            for later in STAGES[STAGES.index(name):]:
+                (self.out / "stages" / f"{later}.json").unlink(missing_ok=True)
         results = {}
         for stage in STAGES:
             t0 = time.perf_counter()
@@ -358,13 +361,12 @@ class Runner:
         if rec := self._fresh("export", h):
             self.log("export: up to date, skipped")
             return rec
-        from exporters.onnx import OnnxExporter, parity, session
-
         from exporters.compute import count_flops
+        from exporters.onnx import OnnxExporter, base_model, parity, session
 
         exporter = OnnxExporter(c.backbone.image_size, c.export.opset)
         first = c.tasks[0].name
-        base = TaskNet(self.backbone.features, nn.Linear(self.backbone.num_features, self.data(first).num_classes))
+        base = base_model(self.backbone.features, self.backbone.num_features, self.data(first).num_classes)
         outputs = ["exports/base.onnx"]
         exporter.export(base, self.out / outputs[0])
         results, flops = {}, {"base": count_flops(base, c.backbone.image_size)}

@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up: the Debian Fashion-MNIST package, a venv in .venv with
 # pinned torch/torchvision and taskfold installed editable with its test extra.
-# A second call only checks and returns; it reinstalls when pyproject.toml changed.
+# A second call only checks and returns; it reinstalls when pyproject.toml or the runtime changed.
+#
+#   bash scripts/setup.sh          the runtime already installed; onnxruntime (extra `cpu`) in a new venv
+#   bash scripts/setup.sh --gpu    onnxruntime-gpu (extra `gpu`: CUDA and TensorRT execution
+#                                  providers; runs on the CPU too)
+#   bash scripts/setup.sh --cpu    back to onnxruntime
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+RUNTIME=""
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) RUNTIME=gpu ;;
+    --cpu) RUNTIME=cpu ;;
+    *) echo "setup: unknown option $arg (use --cpu or --gpu)" >&2; exit 2 ;;
+  esac
+done
 
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$FMNIST" ]; then
@@ -20,11 +34,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 STAMP=.venv/.taskfold-installed
-WANT=$(sha256sum pyproject.toml | cut -c1-16)
-if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "setup: installing taskfold and its pinned dependencies into .venv (first time: a few minutes)"
+HAVE=$(cat "$STAMP" 2>/dev/null || true)
+case "${HAVE##* }" in cpu|gpu) INSTALLED=${HAVE##* } ;; *) INSTALLED="" ;; esac
+RUNTIME=${RUNTIME:-${INSTALLED:-cpu}}
+WANT="$(sha256sum pyproject.toml | cut -c1-16) $RUNTIME"
+if [ "$HAVE" != "$WANT" ]; then
+  echo "setup: installing taskfold ($RUNTIME runtime) and its pinned dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  if [ "$INSTALLED" != "$RUNTIME" ]; then
+    # the two wheels write the same files: remove whichever is there before installing the other
+    .venv/bin/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu 2>/dev/null || true
+  fi
+  .venv/bin/python -m pip install -q -e ".[$RUNTIME,test]"
   echo "$WANT" > "$STAMP"
 fi
-echo "setup: ready (.venv/bin/taskfold)"
+echo "setup: ready (.venv/bin/taskfold, $RUNTIME runtime)"

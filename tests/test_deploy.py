@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from exporters.deploy import AdapterTarget
 from exporters.forms import BASE_DATA, FormError, SharedWeights, SharedWriter, external_info, to_fp16, to_int8
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter, session
+from exporters.runtime import RuntimeUnavailable
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.data import normalise
@@ -64,8 +66,12 @@ def test_shared_form_writes_the_base_once_and_every_task_reads_it(tmp_path, grap
     assert info["norms_only"]["shared_tensors"] > info["own_convs"]["shared_tensors"]
     assert info["norms_only"]["data_bytes"] < info["own_convs"]["data_bytes"]
     g = onnx.load(str(out / "norms_only.onnx"), load_external_data=False)
-    locations = {external_info(i)["location"] for i in g.graph.initializer}
-    assert locations == {BASE_DATA, "norms_only.data"}
+    external = [i for i in g.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert {external_info(i)["location"] for i in external} == {BASE_DATA, "norms_only.data"}
+    # every float tensor is stored outside; integer ones (axes, shapes) stay for shape inference
+    inline = [i for i in g.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+    assert inline and all(onnx.helper.tensor_dtype_to_np_dtype(i.data_type).kind == "i" for i in inline)
+    assert all(onnx.helper.tensor_dtype_to_np_dtype(i.data_type).kind == "f" for i in external)
     weights = SharedWeights(out)
     shared = {t: weights.initializers(out / f"{t}.onnx") for t in info}
     common = set(shared["own_convs"]) & set(shared["norms_only"])
@@ -152,6 +158,19 @@ def test_edge_variants_run_and_stay_close(tmp_path, graphs):
         assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()  # sanity, not an accuracy claim
 
 
+def test_int8_folds_norms_keeps_the_input_layer_float_and_uses_7_bit_weights(tmp_path, graphs):
+    paths, x = graphs
+    graph = onnx.load(str(to_int8(paths["own_convs"], tmp_path / "m.int8.onnx", x[:32]))).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node)  # folded before quantising
+    quantised = [c.input[1] in made_by and made_by[c.input[1]].op_type == "DequantizeLinear" for c in convs]
+    assert quantised[0] is False and all(quantised[1:])  # the input layer alone stays float
+    weights = [inits[made_by[c.input[1]].input[0]] for c in convs[1:]]
+    assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() == 64 for w in weights)  # 7 bits (reduce_range), not 127
+
+
 def test_run_builds_checks_and_benches_every_form(tmp_path):
     cfg = tiny_config(tmp_path, methods=["norm_head", {"name": "ftn", "rank": 2}],
                       export={"forms": ["shared", "switch", "branch", "fp16", "int8"], "calibration_images": 16},
@@ -181,10 +200,39 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     # the CLI re-measures the same run and the report shows both
     assert main(["bench", str(out), "--runs", "2", "--batch-sizes", "1", "--no-memory", "--name", "again"]) == 0
     assert "batch1" in read_json(out / "bench" / "again.json")["base"]
+    if "CUDAExecutionProvider" not in _working_providers(exports / "base.onnx"):
+        assert main(["bench", str(out), "--provider", "cuda", "--name", "gpu"]) == 2  # an error, not a CPU timing
+        assert not (out / "bench" / "gpu.json").exists()
     Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run()
     report = (out / "report.md").read_text()
     assert "## Deployment" in report and "### again" in report and "Edge variants" in report
     assert json.loads((out / "results.json").read_text())["deployment"]["devices"]
+
+
+def _working_providers(path) -> list[str]:
+    try:
+        return session(path, 1, ["CUDAExecutionProvider", "CPUExecutionProvider"]).get_providers()
+    except RuntimeUnavailable:
+        return ["CPUExecutionProvider"]
+
+
+def test_a_provider_that_cannot_run_is_an_error_not_a_cpu_fallback(graphs):
+    paths, _ = graphs
+    try:
+        sess = session(paths["base"], 1, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except RuntimeUnavailable as err:  # the CPU wheel has no CUDA; the GPU wheel without a GPU cannot load it
+        assert "CUDAExecutionProvider" in str(err) and ("--gpu" in str(err) or "did not load" in str(err))
+    else:  # a GPU machine with onnxruntime-gpu: it really runs there
+        assert sess.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_no_onnxruntime_fails_before_any_work_with_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(RuntimeUnavailable, match=r"onnxruntime is not installed.*setup\.sh --gpu"):
+        Runner(parse_config(tiny_config(tmp_path)), tmp_path / "run", progress=False, log=lambda s: None).run()
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RuntimeUnavailable):
+        session(tmp_path / "any.onnx")
 
 
 def test_bench_needs_a_run_with_forms(tmp_path, capsys):

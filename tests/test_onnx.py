@@ -1,6 +1,7 @@
 """ONNX export of merged models: onnxruntime matches torch, trace reuse is exact."""
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 
@@ -35,6 +36,20 @@ def test_onnx_matches_torch_and_reuses_one_trace(tmp_path, backbones, digits16, 
         assert check["images"] == len(x)
     assert exporter.traces == 1
     assert (tmp_path / "m1.onnx").read_bytes() != (tmp_path / "m2.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("bb_name", ["efficientnet_lite0", "tiny_vit"])
+def test_exported_graphs_have_nothing_left_to_fold(tmp_path, backbones, bb_name):
+    """Constant subgraphs (the exporter's Expand/CastLike conv biases and clip bounds) block
+    onnxruntime's conv fusions; every file is written folded, its conv weights still named."""
+    bb, size = backbones[bb_name]
+    model = _trained_like(bb, 1)
+    graph = onnx.load(str(OnnxExporter(size).export(model, tmp_path / "m.onnx"))).graph
+    constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    foldable = [n.op_type for n in graph.node if n.op_type != "Constant" and n.input and set(n.input) <= constant]
+    assert not foldable, foldable
+    convs = {k for k, v in model.state_dict().items() if v.dim() == 4}  # Linear weights are stored transposed
+    assert convs <= {i.name for i in graph.initializer}
 
 
 def test_a_new_head_shape_gets_its_own_trace(tmp_path, backbones, digits16):

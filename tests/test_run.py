@@ -77,6 +77,14 @@ def test_second_run_skips_every_stage(finished_run):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.onnx")} == before
 
 
+def test_forcing_a_stage_reruns_it_and_every_stage_after_it(finished_run):
+    cfg, out = finished_run
+    logs = []
+    Runner(cfg, out, progress=False, log=logs.append).run(force=("export",))
+    skipped = {s.split(":")[0] for s in logs if "up to date, skipped" in s}
+    assert {"prepare", "fold"} <= skipped and not {"export", "bench"} & skipped
+
+
 def test_changing_one_method_retrains_only_that_method(finished_run, tmp_path):
     cfg, out = finished_run
     raw = tiny_config(tmp_path)

@@ -1,0 +1,58 @@
+"""Which onnxruntime is installed, and which execution providers it can really run.
+
+onnxruntime (extra ``cpu``) and onnxruntime-gpu (extra ``gpu``) install the same module, so
+taskfold depends on neither directly: these checks turn a missing runtime or a provider that
+cannot load into one clear error before any work is done.
+"""
+from __future__ import annotations
+
+CPU_INSTALL = "bash scripts/setup.sh (pip: taskfold[cpu])"
+GPU_INSTALL = "bash scripts/setup.sh --gpu (pip: taskfold[gpu])"
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+
+
+class RuntimeUnavailable(RuntimeError):
+    """onnxruntime, or an execution provider asked for, is not usable on this machine."""
+
+
+def onnxruntime():
+    """The onnxruntime module, or a RuntimeUnavailable that says how to install one."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise RuntimeUnavailable(f"onnxruntime is not installed ({err}); install one: {CPU_INSTALL}, or {GPU_INSTALL}") from err
+    return ort
+
+
+def check_providers(providers: list[str]) -> None:
+    """Refuse providers this onnxruntime build does not have (the CPU wheel has no CUDA). For
+    GPU providers, first load the CUDA and cuDNN libraries that torch's CUDA build installed."""
+    ort = onnxruntime()
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise RuntimeUnavailable(
+            f"{', '.join(missing)} not in this onnxruntime build ({_build(ort)}, providers: "
+            f"{', '.join(ort.get_available_providers())}); for CUDA and TensorRT: {GPU_INSTALL}")
+    if GPU_PROVIDERS.intersection(providers) and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
+def check_session(sess, providers: list[str]) -> None:
+    """onnxruntime falls back to the next provider, with a log line only, when one fails to
+    load (no driver, no GPU, a library missing): a benchmark must not silently time the CPU."""
+    wanted = providers[0]
+    if wanted not in sess.get_providers():
+        raise RuntimeUnavailable(
+            f"{wanted} did not load ({_build(onnxruntime())}; the session runs on {', '.join(sess.get_providers())}). "
+            "It needs an NVIDIA GPU with its driver, and CUDA 13 / cuDNN 9 libraries (torch's CUDA build brings them)")
+
+
+def _build(ort) -> str:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return f"{name} {distribution(name).version}"
+        except PackageNotFoundError:
+            continue
+    return f"onnxruntime {ort.__version__}"
