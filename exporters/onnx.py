@@ -26,6 +26,9 @@ from exporters.runtime import check_providers, check_session, onnxruntime
 from pipeline.io import atomic_path
 
 INPUT, OUTPUT = "images", "logits"
+# bumped when the files exported from the same bundle change (2: constant-folded graphs, the
+# INT8 recipe), so existing run directories re-export without retraining
+EXPORT_FORMAT = 2
 
 
 class OnnxExportError(RuntimeError):

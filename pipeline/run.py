@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from exporters.onnx import EXPORT_FORMAT
 from exporters.runtime import onnxruntime
 from pipeline.backbones import Backbone, TaskNet, build_backbone
 from pipeline.bundle import backbone_id, base_state, load_bundle, read_delta, write_bundle, write_delta
@@ -353,7 +354,7 @@ class Runner:
 
     def stage_export(self) -> dict:
         c = self.cfg
-        h = c.section_hash("export", self.hashes["fold"], c.export.model_dump())
+        h = c.section_hash("export", EXPORT_FORMAT, self.hashes["fold"], c.export.model_dump())
         self.hashes["export"] = h
         if not c.export.onnx:
             self.log("export: disabled in config")
