@@ -70,7 +70,26 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     onnxscript.optimizer.fold_constants(graph)
     passes.RemoveUnusedNodesPass()(graph)
     passes.LiftConstantsToInitializersPass()(graph)  # tensors of more than 16 values; shape constants stay nodes
-    return ir.serde.serialize_model(graph)
+    return _drop_zero_conv_biases(ir.serde.serialize_model(graph))
+
+
+def _drop_zero_conv_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A conv without a bias gets an all-zero one from the exporter. Folded, those are the same
+    tensors in every graph, so the shared forms would point every task into the base's weight
+    file for a few KB of zeros; a missing bias means the same and stores nothing."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Conv" and len(n.input) == 3 and n.input[2] in inits:
+            if not numpy_helper.to_array(inits[n.input[2]]).any():
+                del n.input[2]
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return model
 
 
 def _quiet():
