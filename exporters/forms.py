@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -272,9 +273,25 @@ def to_fp16(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
-def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "images") -> Path:
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How ``to_int8`` quantises; the default is the measured best on x86 without VNNI."""
+
+    weights: str = "int8"  # per-channel weight type: "int8" or "uint8"
+    activations: str = "uint8"  # "uint8" or "int8"
+    reduce_range: bool = True  # 7-bit weights: no VPMADDUBSW saturation
+    float_first_conv: bool = True  # leave the input layer unquantised
+
+    def describe(self) -> str:
+        bits = "7-bit " if self.reduce_range else ""
+        return f"{bits}{self.weights} weights / {self.activations} activations, first conv {'float' if self.float_first_conv else 'quantised'}"
+
+
+def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "images",
+            recipe: Int8Recipe = Int8Recipe()) -> Path:
     """Static INT8 in QDQ form, calibrated (min-max) on ``calibration`` (normalised task images,
-    N x C x H x W). Measured on the quickstart's 32 models (see the README), the recipe is:
+    N x C x H x W). Measured on the quickstart's 32 models (``benchmarks/int8_recipes.py``, the
+    README's table), the default recipe is:
 
     * the graph is pre-processed first (shape inference, BatchNorm folded into the convs), so
       weights are quantised after folding; an unfolded BatchNorm is refused;
@@ -309,10 +326,11 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "im
             if any(n.op_type == "BatchNormalization" for n in nodes):
                 raise FormError(f"{src}: BatchNormalization left after pre-processing; its convs would be "
                                 "quantised before folding (is the graph constant-folded?)")
-            first_conv = [n.name for n in nodes if n.op_type == "Conv"][:1]
+            first_conv = [n.name for n in nodes if n.op_type == "Conv"][:1] if recipe.float_first_conv else []
+            types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=first_conv)
+                            reduce_range=recipe.reduce_range, activation_type=types[recipe.activations],
+                            weight_type=types[recipe.weights], nodes_to_exclude=first_conv)
             os.replace(out, tmp)
     finally:
         logging.disable(previous)

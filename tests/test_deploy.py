@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from exporters.deploy import AdapterTarget
-from exporters.forms import BASE_DATA, FormError, SharedWeights, SharedWriter, external_info, to_fp16, to_int8
+from exporters.forms import (BASE_DATA, FormError, Int8Recipe, SharedWeights, SharedWriter, external_info, to_fp16,
+                             to_int8)
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter, session
 from exporters.runtime import RuntimeUnavailable
@@ -158,17 +159,19 @@ def test_edge_variants_run_and_stay_close(tmp_path, graphs):
         assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()  # sanity, not an accuracy claim
 
 
-def test_int8_folds_norms_keeps_the_input_layer_float_and_uses_7_bit_weights(tmp_path, graphs):
+@pytest.mark.parametrize("recipe", [Int8Recipe(), Int8Recipe(reduce_range=False, float_first_conv=False)])
+def test_int8_folds_norms_and_follows_its_recipe(tmp_path, graphs, recipe):
     paths, x = graphs
-    graph = onnx.load(str(to_int8(paths["own_convs"], tmp_path / "m.int8.onnx", x[:32]))).graph
+    graph = onnx.load(str(to_int8(paths["own_convs"], tmp_path / "m.int8.onnx", x[:32], recipe=recipe))).graph
     made_by = {o: n for n in graph.node for o in n.output}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert not any(n.op_type == "BatchNormalization" for n in graph.node)  # folded before quantising
     quantised = [c.input[1] in made_by and made_by[c.input[1]].op_type == "DequantizeLinear" for c in convs]
-    assert quantised[0] is False and all(quantised[1:])  # the input layer alone stays float
-    weights = [inits[made_by[c.input[1]].input[0]] for c in convs[1:]]
-    assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() == 64 for w in weights)  # 7 bits (reduce_range), not 127
+    assert quantised[0] is not recipe.float_first_conv and all(quantised[1:])  # by default the input layer stays float
+    weights = [inits[made_by[c.input[1]].input[0]] for c in convs if c.input[1] in made_by]
+    top = 64 if recipe.reduce_range else 127  # 7 bits avoid VPMADDUBSW saturation
+    assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() == top for w in weights)
 
 
 def test_run_builds_checks_and_benches_every_form(tmp_path):

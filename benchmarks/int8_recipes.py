@@ -1,0 +1,92 @@
+"""INT8 recipes against FP32 on a finished run's merged models: accuracy change per task model
+and latency, every recipe through the pipeline's own ``to_int8``.
+
+Accuracy is on each task's test split, calibration on the run's ``export.calibration_images``
+train images (as the export stage does). Latency is one model's (the first label and task),
+all recipes and FP32 timed in one interleaved run, as ratios to FP32.
+
+    .venv/bin/python benchmarks/int8_recipes.py runs/quickstart [--labels finetune,norm_head] [--tasks fmnist]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from exporters.forms import Int8Recipe, to_int8
+from exporters.latency import measure
+from exporters.onnx import session
+from pipeline.config import parse_config
+from pipeline.data import normalise
+from pipeline.io import read_json
+from pipeline.run import Runner
+
+RECIPES = {
+    "int8w_u8a_q1": Int8Recipe(reduce_range=False, float_first_conv=False),
+    "int8w_u8a_f1": Int8Recipe(reduce_range=False),
+    "int8w7_u8a_q1": Int8Recipe(float_first_conv=False),
+    "int8w7_u8a_f1 (default)": Int8Recipe(),
+    "u8w_u8a_f1": Int8Recipe(weights="uint8", reduce_range=False),
+    "int8w_s8a_f1": Int8Recipe(activations="int8", reduce_range=False),
+}
+
+
+def accuracy(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> float:
+    sess = session(path, threads)
+    logits = np.concatenate([sess.run(None, {"images": x[i : i + 128]})[0] for i in range(0, len(x), 128)])
+    return float(np.mean(logits.argmax(1) == y))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", help="a run directory whose export stage wrote exports/<label>/<task>.onnx")
+    p.add_argument("--labels", help="comma-separated method labels (default: every exported one)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: every task)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=100, help="timed runs per recipe and batch size")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    run = Path(args.run_dir)
+    cfg = parse_config(read_json(run / "config.resolved.json"))
+    runner = Runner(cfg, run, progress=False, log=lambda s: None)
+    labels = args.labels.split(",") if args.labels else [m.label for m in cfg.methods]
+    tasks = args.tasks.split(",") if args.tasks else [t.name for t in cfg.tasks]
+    bb = runner.backbone
+    work = Path(tempfile.mkdtemp(prefix="int8_recipes_"))
+    acc: dict[str, dict[str, float]] = {}
+    for label in labels:
+        for task in tasks:
+            data = runner.data(task)
+            calib = normalise(data.train.images, bb.mean, bb.std)[: cfg.export.calibration_images].numpy()
+            x, y = normalise(data.test.images, bb.mean, bb.std).numpy(), data.test.labels.numpy()
+            src = run / "exports" / label / f"{task}.onnx"
+            row = {"fp32": accuracy(src, x, y, args.threads)}
+            for name, recipe in RECIPES.items():
+                dst = work / f"{label}.{task}.{name.split()[0]}.onnx"
+                row[name] = accuracy(to_int8(src, dst, calib, recipe=recipe), x, y, args.threads)
+            acc[f"{label}/{task}"] = row
+            print(f"{label}/{task}: fp32 {row['fp32']:.3f}, " + ", ".join(f"{k} {v - row['fp32']:+.3f}"
+                                                                    for k, v in row.items() if k != "fp32"), flush=True)
+    first = f"{labels[0]}.{tasks[0]}"
+    targets = {"fp32": session(run / "exports" / labels[0] / f"{tasks[0]}.onnx", args.threads)}
+    targets.update({k: session(work / f"{first}.{k.split()[0]}.onnx", args.threads) for k in RECIPES})
+    latency = {f"batch{b}": measure(targets, cfg.backbone.image_size, b, runs=args.runs) for b in (1, 8)}
+    summary = {}
+    print(f"\n{len(acc)} task models; latency of {labels[0]}/{tasks[0]} as x FP32 (batch 1, batch 8)")
+    print("| recipe | what | mean change | worst | latency b1 | latency b8 |\n|---|---|---|---|---|---|")
+    for name, recipe in RECIPES.items():
+        change = [r[name] - r["fp32"] for r in acc.values()]
+        ratio = {b: latency[b][name]["median_ms"] / latency[b]["fp32"]["median_ms"] for b in latency}
+        summary[name] = {"recipe": recipe.describe(), "mean_change": float(np.mean(change)),
+                         "worst_change": float(min(change)), "latency_vs_fp32": ratio}
+        print(f"| {name} | {recipe.describe()} | {np.mean(change):+.3f} | {min(change):+.3f} | "
+              f"{ratio['batch1']:.2f} | {ratio['batch8']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"accuracy": acc, "summary": summary, "latency": latency}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
