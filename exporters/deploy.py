@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.forms import BASE_DATA, EXTRA_BASES, FormError, SharedWeights, SharedWriter, to_fp16, to_int8
+from exporters.forms import (BASE_DATA, EXTRA_BASES, FormError, Int8Recipe, SharedWeights, SharedWriter, to_fp16,
+                             to_int8)
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter, base_model, parity, session
 from pipeline.io import atomic_dir, write_json
@@ -79,12 +80,13 @@ class FormBuilder:
     test images, test labels), normalised float32 arrays."""
 
     def __init__(self, exports: Path, exporter: OnnxExporter, forms: list[str], threads: int,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, int8: Int8Recipe = Int8Recipe()):
         self.exports = Path(exports)
         self.exporter = exporter
         self.forms = [f for f in FORMS if f in forms]
         self.threads = threads
         self.log = log
+        self.int8 = int8
         self._merged_logits: dict[tuple[str, str], np.ndarray] = {}
 
     def merged_logits(self, label: str, task: str, x: np.ndarray) -> np.ndarray:
@@ -190,7 +192,7 @@ class FormBuilder:
             if variant == "fp16":
                 to_fp16(src, self.exports / rel)
             else:
-                to_int8(src, self.exports / rel, images[t][0])
+                to_int8(src, self.exports / rel, images[t][0], recipe=self.int8)
             files[t] = rel
             _, x, y = images[t]
             checks[f"{label}/{t}/{variant}"] = compare_logits(

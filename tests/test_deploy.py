@@ -176,7 +176,8 @@ def test_int8_folds_norms_and_follows_its_recipe(tmp_path, graphs, recipe):
 
 def test_run_builds_checks_and_benches_every_form(tmp_path):
     cfg = tiny_config(tmp_path, methods=["norm_head", {"name": "ftn", "rank": 2}],
-                      export={"forms": ["shared", "switch", "branch", "fp16", "int8"], "calibration_images": 16},
+                      export={"forms": ["shared", "switch", "branch", "fp16", "int8"], "calibration_images": 16,
+                              "int8": {"reduce_range": False}},
                       bench={"warmup": 1, "runs": 3, "batch_sizes": [2], "forms": True})
     cfg["backbone"]["kwargs"] = {"width": 32}  # convs large enough to leave the graph for base.data
     out = tmp_path / "run"
@@ -185,6 +186,9 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     forms = read_json(exports / "forms.json")
     assert set(forms["methods"]["ftn"]) == {"merged", "shared", "switch", "branch", "branch_switch", "fp16", "int8"}
     assert "branch" not in forms["methods"]["norm_head"]  # no low-rank deltas, no branch form
+    int8 = onnx.load(str(exports / forms["methods"]["ftn"]["int8"]["tasks"]["digits"])).graph
+    assert max(np.abs(onnx.numpy_helper.to_array(i).astype(int)).max() for i in int8.initializer
+               if i.data_type == onnx.TensorProto.INT8) == 127  # the config's recipe: full 8-bit weights
     checks = read_json(out / "stages" / "export.json")["form_checks"]
     for key, c in checks.items():
         if key.split("/")[-1] in ("shared", "switch", "branch", "branch_switch", "branch_torch"):
