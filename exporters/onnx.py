@@ -68,28 +68,21 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
     graph = ir.serde.deserialize_model(model)
     onnxscript.optimizer.fold_constants(graph)
-    passes.RemoveUnusedNodesPass()(graph)
+    _drop_zero_conv_biases(graph)
+    passes.RemoveUnusedNodesPass()(graph)  # also the initializers nothing reads any more
     passes.LiftConstantsToInitializersPass()(graph)  # tensors of more than 16 values; shape constants stay nodes
-    return _drop_zero_conv_biases(ir.serde.serialize_model(graph))
+    return ir.serde.serialize_model(graph)
 
 
-def _drop_zero_conv_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+def _drop_zero_conv_biases(model) -> None:
     """A conv without a bias gets an all-zero one from the exporter. Folded, those are the same
     tensors in every graph, so the shared forms would point every task into the base's weight
     file for a few KB of zeros; a missing bias means the same and stores nothing."""
-    from onnx import numpy_helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    for n in g.node:
-        if n.op_type == "Conv" and len(n.input) == 3 and n.input[2] in inits:
-            if not numpy_helper.to_array(inits[n.input[2]]).any():
-                del n.input[2]
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    kept = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    return model
+    for node in model.graph.all_nodes():
+        if node.op_type == "Conv" and len(node.inputs) == 3 and node.inputs[2] is not None:
+            bias = node.inputs[2].const_value
+            if bias is not None and not bias.numpy().any():
+                node.resize_inputs(2)
 
 
 def _quiet():
