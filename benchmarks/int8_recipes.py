@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.forms import Int8Recipe, to_int8
+from exporters.forms import to_int8
 from exporters.latency import measure
 from exporters.onnx import session
-from pipeline.config import parse_config
+from pipeline.config import Int8Recipe, parse_config
 from pipeline.data import normalise
 from pipeline.io import read_json
 from pipeline.run import Runner

@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.forms import (BASE_DATA, EXTRA_BASES, FormError, Int8Recipe, SharedWeights, SharedWriter, to_fp16,
-                             to_int8)
+from exporters.forms import BASE_DATA, EXTRA_BASES, FormError, SharedWeights, SharedWriter, to_fp16, to_int8
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter, base_model, parity, session
+from pipeline.config import Int8Recipe
 from pipeline.io import atomic_dir, write_json
 
 FORMS = ("shared", "switch", "branch", "fp16", "int8")

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.config import Int8Recipe
 from pipeline.io import atomic_path
 
 BASE_DATA = "base.data"
@@ -271,20 +271,6 @@ def to_fp16(src: Path, dst: Path) -> Path:
     with atomic_path(Path(dst)) as tmp:
         onnx.save_model(model, str(tmp))
     return Path(dst)
-
-
-@dataclass(frozen=True)
-class Int8Recipe:
-    """How ``to_int8`` quantises; the default is the measured best on x86 without VNNI."""
-
-    weights: str = "int8"  # per-channel weight type: "int8" or "uint8"
-    activations: str = "uint8"  # "uint8" or "int8"
-    reduce_range: bool = True  # 7-bit weights: no VPMADDUBSW saturation
-    float_first_conv: bool = True  # leave the input layer unquantised
-
-    def describe(self) -> str:
-        bits = "7-bit " if self.reduce_range else ""
-        return f"{bits}{self.weights} weights / {self.activations} activations, first conv {'float' if self.float_first_conv else 'quantised'}"
 
 
 def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "images",

@@ -92,14 +92,19 @@ class TrainConfig(Strict):
 DeployForm = Literal["shared", "switch", "branch", "fp16", "int8"]
 
 
-class Int8Config(Strict):
-    """The INT8 edge variant's recipe (``exporters.forms.Int8Recipe``). The defaults are the
+class Int8Recipe(Strict):
+    """How the INT8 edge variant quantises (``exporters.forms.to_int8``). The defaults are the
     measured best on x86 CPUs without VNNI (``benchmarks/int8_recipes.py``)."""
 
-    weights: Literal["int8", "uint8"] = "int8"
+    weights: Literal["int8", "uint8"] = "int8"  # per-channel weight type
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool = Field(True, description="7-bit weights: no VPMADDUBSW saturation on x86 without VNNI")
     float_first_conv: bool = Field(True, description="leave the input layer unquantised")
+
+    def describe(self) -> str:
+        bits = "7-bit " if self.reduce_range else ""
+        return (f"{bits}{self.weights} weights / {self.activations} activations, "
+                f"first conv {'float' if self.float_first_conv else 'quantised'}")
 
 
 class ExportConfig(Strict):
@@ -108,7 +113,7 @@ class ExportConfig(Strict):
     # deployment forms besides the merged model (see exporters/deploy.py); [] = merged only
     forms: list[DeployForm] = Field(default_factory=lambda: ["shared", "switch", "branch", "fp16", "int8"])
     calibration_images: int = Field(64, ge=1, description="train images per task that calibrate INT8")
-    int8: Int8Config = Field(default_factory=Int8Config)
+    int8: Int8Recipe = Field(default_factory=Int8Recipe)
 
 
 class BenchConfig(Strict):

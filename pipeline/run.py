@@ -392,7 +392,6 @@ class Runner:
 
     def _export_forms(self, exporter) -> dict:
         from exporters.deploy import FormBuilder
-        from exporters.forms import Int8Recipe
 
         c = self.cfg
         self.log(f"export: deployment forms {', '.join(c.export.forms)}")
@@ -402,8 +401,8 @@ class Runner:
             images[t.name] = (calib, self._images(t.name).numpy(), self.data(t.name).test.labels.numpy())
         bundles = {m.label: load_bundle(self.out / "bundles" / m.label, expect_backbone=c.backbone.name)
                    for m in c.methods}
-        recipe = Int8Recipe(**c.export.int8.model_dump())
-        built = FormBuilder(self.out / "exports", exporter, c.export.forms, c.run.threads, self.log, recipe).build(bundles, images)
+        built = FormBuilder(self.out / "exports", exporter, c.export.forms, c.run.threads, self.log,
+                            c.export.int8).build(bundles, images)
         for key, check in built["checks"].items():
             acc = f", accuracy {check['reference_accuracy']:.4f} -> {check['accuracy']:.4f}" if "accuracy" in check else ""
             self.log(f"  {key}: max diff {check['max_abs_diff']:.2e}, argmax agreement {check['argmax_agree']:.4f}{acc}")

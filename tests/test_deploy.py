@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from exporters.deploy import AdapterTarget
-from exporters.forms import (BASE_DATA, FormError, Int8Recipe, SharedWeights, SharedWriter, external_info, to_fp16,
-                             to_int8)
+from exporters.forms import BASE_DATA, FormError, SharedWeights, SharedWriter, external_info, to_fp16, to_int8
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter, session
 from exporters.runtime import RuntimeUnavailable
 from pipeline.cli import main
-from pipeline.config import parse_config
+from pipeline.config import Int8Recipe, parse_config
 from pipeline.data import normalise
 from pipeline.delta import CPPart, LowRank
 from pipeline.io import read_json
