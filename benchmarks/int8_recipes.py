@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.deploy import batched_logits
 from exporters.forms import to_int8
 from exporters.latency import measure
 from exporters.onnx import session
@@ -35,9 +36,7 @@ RECIPES = {
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    sess = session(path, threads)
-    logits = np.concatenate([sess.run(None, {"images": x[i : i + 128]})[0] for i in range(0, len(x), 128)])
-    return float(np.mean(logits.argmax(1) == y))
+    return float(np.mean(batched_logits(session(path, threads), x).argmax(1) == y))
 
 
 def main() -> None:

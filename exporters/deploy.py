@@ -43,7 +43,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _logits(target, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def batched_logits(target, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """Logits of a session or a ``runner``/``AdapterTarget`` over ``x`` in batches."""
     fn = target if callable(target) else runner(target)
     return np.concatenate([fn(x[i : i + batch])[0] for i in range(0, len(x), batch)])
@@ -93,7 +93,7 @@ class FormBuilder:
         """The merged model's test logits, the reference of every other form: computed once."""
         if (label, task) not in self._merged_logits:
             path = self.exports / label / f"{task}.onnx"
-            self._merged_logits[label, task] = _logits(session(path, self.threads), x)
+            self._merged_logits[label, task] = batched_logits(session(path, self.threads), x)
         return self._merged_logits[label, task]
 
     def build(self, bundles: dict, images: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
@@ -196,7 +196,7 @@ class FormBuilder:
             files[t] = rel
             _, x, y = images[t]
             checks[f"{label}/{t}/{variant}"] = compare_logits(
-                self.merged_logits(label, t, x), _logits(session(self.exports / rel, self.threads), x), y)
+                self.merged_logits(label, t, x), batched_logits(session(self.exports / rel, self.threads), x), y)
         return self._sessions(files, shared=False)
 
     def _check_shared(self, folder: Path, manifest: dict, images, checks) -> None:
@@ -216,12 +216,12 @@ class FormBuilder:
                         ref = self.merged_logits(label, t, x)
                     else:
                         g = folder / Path(forms["branch"]["tasks"][t]).name
-                        ref = _logits(session(g, self.threads, initializers=weights.initializers(g)), x)
+                        ref = batched_logits(session(g, self.threads, initializers=weights.initializers(g)), x)
                     path = folder / Path(rel).name
                     if spec["kind"] == "adapters":
-                        got = _logits(AdapterTarget(sess, path), x)
+                        got = batched_logits(AdapterTarget(sess, path), x)
                     else:
-                        got = _logits(session(path, self.threads, initializers=weights.initializers(path)), x)
+                        got = batched_logits(session(path, self.threads, initializers=weights.initializers(path)), x)
                     checks[f"{label}/{t}/{form}"] = compare_logits(ref, got)
                 spec["bytes"] = sum((folder / Path(f).relative_to(SHARED)).stat().st_size if f.startswith(f"{SHARED}/")
                                     else (self.exports / f).stat().st_size for f in spec["files"])
