@@ -16,14 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.deploy import batched_logits
-from exporters.forms import to_int8
+from exporters.latency import batched_logits
+from exporters.precision import to_int8
 from exporters.latency import measure
-from exporters.onnx import session
-from pipeline.config import Int8Recipe, parse_config
+from exporters.runtime import session
+from exporters.precision import Int8Recipe
+from pipeline.config import parse_config
 from pipeline.data import normalise
-from pipeline.io import read_json
-from pipeline.run import Runner
+from pipeline.core.io import read_json
+from pipeline.stages.context import StageContext
+from pipeline.stages.rundir import RunDir
 
 RECIPES = {
     "int8w_u8a_q1": Int8Recipe(reduce_range=False, float_first_conv=False),
@@ -48,20 +50,20 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=100, help="timed runs per recipe and batch size")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    run = Path(args.run_dir)
-    cfg = parse_config(read_json(run / "config.resolved.json"))
-    runner = Runner(cfg, run, progress=False, log=lambda s: None)
+    run = RunDir(Path(args.run_dir))
+    cfg = parse_config(read_json(run.config_file))
+    ctx = StageContext(cfg, run, progress=False, log=lambda s: None)
     labels = args.labels.split(",") if args.labels else [m.label for m in cfg.methods]
     tasks = args.tasks.split(",") if args.tasks else [t.name for t in cfg.tasks]
-    bb = runner.backbone
+    bb = ctx.backbone
     work = Path(tempfile.mkdtemp(prefix="int8_recipes_"))
     acc: dict[str, dict[str, float]] = {}
     for label in labels:
         for task in tasks:
-            data = runner.data(task)
+            data = ctx.data(task)
             calib = normalise(data.train.images, bb.mean, bb.std)[: cfg.export.calibration_images].numpy()
             x, y = normalise(data.test.images, bb.mean, bb.std).numpy(), data.test.labels.numpy()
-            src = run / "exports" / label / f"{task}.onnx"
+            src = run.export(label, task)
             row = {"fp32": accuracy(src, x, y, args.threads)}
             for name, recipe in RECIPES.items():
                 dst = work / f"{label}.{task}.{name.split()[0]}.onnx"
@@ -70,7 +72,7 @@ def main() -> None:
             print(f"{label}/{task}: fp32 {row['fp32']:.3f}, " + ", ".join(f"{k} {v - row['fp32']:+.3f}"
                                                                     for k, v in row.items() if k != "fp32"), flush=True)
     first = f"{labels[0]}.{tasks[0]}"
-    targets = {"fp32": session(run / "exports" / labels[0] / f"{tasks[0]}.onnx", args.threads)}
+    targets = {"fp32": session(run.export(labels[0], tasks[0]), args.threads)}
     targets.update({k: session(work / f"{first}.{k.split()[0]}.onnx", args.threads) for k in RECIPES})
     latency = {f"batch{b}": measure(targets, cfg.backbone.image_size, b, runs=args.runs) for b in (1, 8)}
     summary = {}

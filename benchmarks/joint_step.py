@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.backbones import build_backbone
+from pipeline.core.backbones import build_backbone
 from pipeline.data import Split, TaskData
 from pipeline.methods import build_method
-from pipeline.methods.base import JointContext
-from pipeline.train import MEMORY_FORMAT, Schedule
-from pipeline.train_joint import build_model
+from pipeline.methods.context import Schedule
+from pipeline.training.incremental import TaskTrainer
+from pipeline.training.joint import JointTrainer, joint_context
 
 
 def synthetic_tasks(k: int, n: int, size: int) -> dict[str, TaskData]:
@@ -40,51 +39,32 @@ def synthetic_tasks(k: int, n: int, size: int) -> dict[str, TaskData]:
 
 
 def joint_step(bb, method_name: str, k: int, size: int, batch: int):
-    """A step of ``method_name`` over ``k`` tasks, as ``pipeline.train_joint`` takes it."""
+    """The joint trainer's own step (``JointTrainer.step``) of ``method_name`` over ``k`` tasks."""
     tasks = synthetic_tasks(k, batch, size)
     method = build_method(method_name)
-    method.context = JointContext(bb, tasks, Schedule(1, batch, 1e-3), 0)
+    schedule = Schedule(1, batch, 1e-3, head_lr_scale=10)
+    epoch = 0
     if method_name == "adashare":  # the search's weight step: every block a soft mixture
-        from pipeline.blocks import skippable_blocks
-        from pipeline.methods.adashare import policy_blocks
+        from pipeline.core.blocks import skippable_blocks
 
+        method.context = joint_context(bb, tasks, schedule, 0)
         method.blocks = [f"features.{p}" for p in skippable_blocks(bb.features, size)]
         method.stage = "search"
-    model = build_model(bb, tasks, method, seed=0)
-    if method_name == "adashare":
-        for _, b in policy_blocks(model):
-            b.mode = "soft"
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    xs = {t: (d.train.images.float().div(255).contiguous(memory_format=MEMORY_FORMAT), d.train.labels)
-          for t, d in tasks.items()}
-
-    def step() -> None:
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        for t, (x, y) in xs.items():
-            F.cross_entropy(model.use(t)(x), y).backward()
-        reg = method.regulariser(model, epoch=10)
-        if reg is not None and reg.requires_grad:
-            reg.backward()
-        opt.step()
-
-    return step
+        epoch = method.config.warmup_epochs + method.config.search_epochs - 1  # every block free
+    trainer = JointTrainer(bb, tasks, method, schedule, seed=0, progress=False)
+    method.start_epoch(trainer.model, epoch)
+    method.train_mode(trainer.model)
+    batches = {t: (d.train.images, d.train.labels) for t, d in tasks.items()}
+    return lambda: trainer.step(batches, epoch, "weights")
 
 
 def finetune_step(bb, size: int, batch: int):
-    model = bb.task_net(10).to(memory_format=MEMORY_FORMAT)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.rand(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMAT)
-    y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
+    """The incremental trainer's own fine-tune step, on one task of the same size."""
+    data = synthetic_tasks(1, batch, size)["t0"]
+    trainer = TaskTrainer(bb, data, build_method("finetune"), Schedule(1, batch, 1e-3, head_lr_scale=10), seed=0,
+                          progress=False)
+    trainer.method.train_mode(trainer.model)
+    return lambda: trainer.step(data.train.images, data.train.labels, 0)
 
 
 def peak_rss_mib(args, method: str, k: int) -> float:

@@ -1,7 +1,8 @@
 """Training-step cost of each method against a plain fine-tune step, as ratios in one run.
 
-Same model (EfficientNet-Lite0, packaged weights), same batch, same optimiser; the steps of
-all methods are interleaved in rounds so machine drift hits them alike.
+Same model (EfficientNet-Lite0, packaged weights), same batch; each method's step is the
+trainer's own (``TaskTrainer.step``, with the method's optimiser groups); the steps of all
+methods are interleaved in rounds so machine drift hits them alike.
 
     .venv/bin/python benchmarks/train_step.py [--image-size 64] [--batch 64] [--steps 10]
 """
@@ -13,36 +14,24 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.backbones import build_backbone
 from pipeline.config import TaskConfig
+from pipeline.core.backbones import build_backbone
 from pipeline.data import load_task
 from pipeline.methods import build_method
-from pipeline.methods.base import TrainContext
-from pipeline.train import MEMORY_FORMAT, Schedule
+from pipeline.methods.context import Schedule
+from pipeline.training.incremental import TaskTrainer
 
 
-def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor, context: TrainContext):
+def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor, digits, schedule: Schedule):
+    """The trainer's own step (``TaskTrainer.step``: normalise, forward, loss and regulariser,
+    backward, the method's optimiser groups) in the last epoch's stage (CWPS: the hard mask)."""
     method = build_method(method_name)
-    method.setup(context)  # CWPS runs its parent search (a short fine-tune on digits) here, untimed
-    model = bb.task_net(10).to(memory_format=MEMORY_FORMAT)  # as pipeline.train does
-    method.prepare(model)
-    method.start_epoch(model, context.schedule.epochs - 1)  # the last stage (CWPS: the hard mask)
-    x = x.contiguous(memory_format=MEMORY_FORMAT)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        method.train_mode(model)
-        loss = F.cross_entropy(model(x), y)
-        reg = method.regulariser(model, epoch=0)
-        if reg is not None:
-            loss = loss + reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    trainer = TaskTrainer(bb, digits, method, schedule, seed=0, progress=False)  # CWPS's search runs here, untimed
+    epoch = schedule.epochs - 1
+    method.start_epoch(trainer.model, epoch)
+    method.train_mode(trainer.model)
+    return lambda: trainer.step(x, y, epoch)
 
 
 def main() -> None:
@@ -59,13 +48,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bb = build_backbone(args.backbone, args.weights)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    x = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
     y = torch.randint(0, 10, (args.batch,))
     names = args.methods.split(",")
     digits = load_task(TaskConfig(name="digits", source={"type": "digits"}, train_size=128, val_size=32, test_size=32),
                        args.image_size, 0)
-    context = TrainContext(bb, digits, Schedule(epochs=4, batch_size=args.batch, lr=1e-3), seed=0)
-    steps = {n: make_step(bb, n, x, y, context) for n in names}
+    schedule = Schedule(epochs=4, batch_size=args.batch, lr=1e-3, head_lr_scale=10)
+    steps = {n: make_step(bb, n, x, y, digits, schedule) for n in names}
     for s in steps.values():  # warm-up
         s(), s()
     times: dict[str, list[float]] = {n: [] for n in names}

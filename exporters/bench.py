@@ -2,11 +2,13 @@
 taken in one run: latency against the base and against the merged model, the time to bring a
 task up, bytes on disk and resident memory for K tasks against K merged models.
 
-Task switch (cold), per form, batch 1, median over tasks and repeats:
+Task switch (cold), per form, batch 1, median over tasks and repeats: the form brings the
+task up from its files (``Form.bring_up``) and runs it once, with what the form keeps loaded
+between tasks already resident (the switch form's session, the shared base weights):
 
-* merged / fp16 / int8: load the task's model file into a new session, run once;
-* shared: new session whose base weights are already resident (``add_initializer``), run once;
-* switch: load the task's adapter file into the resident session, run once.
+* merged / fp16 / int8: load the task's model file into a new session;
+* shared: new session whose base weights are already resident (``add_initializer``);
+* switch: load the task's adapter file into the resident session.
 
 Resident memory is measured in a fresh interpreter per form: RSS after loading the K
 tasks and running each once, minus RSS before. Memory is read from ``/proc`` (Linux).
@@ -23,49 +25,23 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.deploy import AdapterTarget
-from exporters.forms import SharedWeights
+from exporters.forms import FORMS
 from exporters.latency import measure, runner
-from exporters.onnx import session
-
-CPU = ["CPUExecutionProvider"]
+from exporters.loader import Loader
 
 
-class Loader:
-    """Opens the sessions of one exports folder for a set of providers, base weights shared."""
-
-    def __init__(self, exports: Path, threads: int, providers: list[str] | None = None):
-        self.exports = Path(exports)
-        self.threads = threads
-        self.providers = providers or CPU
-        self.weights = SharedWeights(self.exports / "shared") if (self.exports / "shared").is_dir() else None
-
-    def open(self, rel: str, shared: bool):
-        path = self.exports / rel
-        init = self.weights.initializers(path) if shared else None
-        return session(path, self.threads, self.providers, initializers=init)
-
-    def targets(self, spec: dict) -> dict[str, Callable]:
-        """task -> ``x -> outputs`` for one form; the switch form runs all tasks in one session."""
-        if spec["kind"] == "adapters":
-            sess = self.open(spec["graph"], shared=True)
-            return {t: AdapterTarget(sess, self.exports / rel) for t, rel in spec["tasks"].items()}
-        return {t: runner(self.open(rel, spec["shared_weights"])) for t, rel in spec["tasks"].items()}
-
-    def switch_ms(self, spec: dict, image_size: int, repeats: int) -> float:
-        """Median ms to bring one task up from its files to its first answer (batch 1)."""
-        x = np.zeros((1, 3, image_size, image_size), np.float32)
-        resident = self.open(spec["graph"], shared=True) if spec["kind"] == "adapters" else None
-        times = []
-        for _ in range(repeats):
-            for rel in spec["tasks"].values():
-                t0 = time.perf_counter()
-                if resident is not None:
-                    AdapterTarget(resident, self.exports / rel)(x)
-                else:
-                    runner(self.open(rel, spec["shared_weights"]))(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-        return median(times)
+def switch_ms(loader: Loader, form: str, spec: dict, image_size: int, repeats: int) -> float:
+    """Median ms to bring one task up from its files to its first answer (batch 1)."""
+    f = FORMS[form]()
+    x = np.zeros((1, 3, image_size, image_size), np.float32)
+    resident = f.resident(loader, spec)
+    times = []
+    for _ in range(repeats):
+        for task in spec["tasks"]:
+            t0 = time.perf_counter()
+            f.bring_up(loader, spec, task, resident)(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
 
 
 def _rss_mb() -> float:
@@ -76,27 +52,27 @@ def _rss_mb() -> float:
     raise OSError("no VmRSS in /proc/self/status")
 
 
-def _resident(exports: str, spec: dict, image_size: int, threads: int) -> float:
+def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int) -> float:
     """MB of RSS that loading every task of ``spec`` (and one run each) adds to this process."""
     import onnxruntime  # noqa: F401  (the library's own footprint is not the form's)
 
     before = _rss_mb()
     loader = Loader(Path(exports), threads)
     x = np.zeros((1, 3, image_size, image_size), np.float32)
-    keep = loader.targets(spec)
+    keep = FORMS[form]().targets(loader, spec)
     for fn in keep.values():
         fn(x)
     return _rss_mb() - before
 
 
-def resident_mb(exports: Path, spec: dict, image_size: int, threads: int) -> float | None:
+def resident_mb(exports: Path, form: str, spec: dict, image_size: int, threads: int) -> float | None:
     """``_resident`` in a fresh interpreter, so earlier sessions and allocator state do not count."""
     if not Path("/proc/self/status").exists():
         return None
     code = ("import json, sys; from exporters.bench import _resident; "
             "a = json.loads(sys.stdin.read()); print(_resident(*a))")
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([str(exports), spec, image_size, threads]),
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([str(exports), form, spec, image_size, threads]),
                           capture_output=True, text=True, cwd=root, check=False)
     if done.returncode:
         raise RuntimeError(f"resident-memory probe failed: {done.stderr.strip()[-500:]}")
@@ -114,7 +90,7 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
              if "unavailable" not in spec}
     targets: dict[str, Callable] = {"base": runner(loader.open("base.onnx", shared=False))}
     for (label, form), spec in specs.items():
-        for task, fn in loader.targets(spec).items():
+        for task, fn in FORMS[form]().targets(loader, spec).items():
             targets[f"{label}|{form}|{task}"] = fn
     latency = {}
     for bs in batch_sizes:
@@ -131,9 +107,9 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
             merged = median(latency[bs][f"{label}|merged|{t}"]["median_ms"] for t in tasks)
             row["latency"][f"batch{bs}"] = {"median_ms": ms, "ratio_to_base": ms / latency[bs]["base"]["median_ms"],
                                             "ratio_to_merged": ms / merged}
-        row["switch_ms"] = loader.switch_ms(spec, image_size, switch_repeats)
+        row["switch_ms"] = switch_ms(loader, form, spec, image_size, switch_repeats)
         if memory:
-            row["resident_mb"] = resident_mb(exports, spec, image_size, threads)
+            row["resident_mb"] = resident_mb(exports, form, spec, image_size, threads)
         out["methods"].setdefault(label, {})[form] = row
         log(f"  {label}/{form}: {row['bytes']:,} bytes for {len(tasks)} tasks, switch {row['switch_ms']:.1f} ms"
             + (f", resident {row['resident_mb']:.1f} MB" if row.get("resident_mb") is not None else ""))

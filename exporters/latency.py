@@ -21,6 +21,12 @@ def runner(sess, run_options=None) -> Runner:
     return lambda x: sess.run(None, {name: x}, run_options)
 
 
+def batched_logits(target, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Logits of a session or a ``runner``-like callable over ``x`` in batches."""
+    fn = target if callable(target) else runner(target)
+    return np.concatenate([fn(x[i : i + batch])[0] for i in range(0, len(x), batch)])
+
+
 def _stats(ms: list[float], batch_size: int) -> dict[str, float]:
     return {"batch": batch_size, "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
             "mean_ms": float(np.mean(ms)), "runs": len(ms)}

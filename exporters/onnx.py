@@ -18,12 +18,11 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
-from exporters.runtime import check_providers, check_session, onnxruntime
-from pipeline.io import atomic_path
+from pipeline.core.compare import compare_logits, model_logits
+from pipeline.core.io import atomic_path
 
 INPUT, OUTPUT = "images", "logits"
 # bumped when the files exported from the same bundle change (2: constant-folded graphs, the
@@ -50,7 +49,7 @@ def strip_debug(model: onnx.ModelProto) -> onnx.ModelProto:
 def base_model(features: torch.nn.Module, num_features: int, num_classes: int) -> torch.nn.Module:
     """The base as a plain model for timing and sharing: ``features`` and a zero head. Every
     base graph gets the same head, so two bases differ only where their backbones do."""
-    from pipeline.backbones import TaskNet
+    from pipeline.core.backbones import TaskNet
 
     head = torch.nn.Linear(num_features, num_classes)
     torch.nn.init.zeros_(head.weight)
@@ -129,40 +128,8 @@ class OnnxExporter:
         return Path(path)
 
 
-def session(path: Path, threads: int = 0, providers: list[str] | None = None, spinning: bool = False,
-            initializers: dict | None = None):
-    """An onnxruntime session. Spinning is off by default: with many sessions alive (one per
-    task), idle pools that spin-wait steal the cores from the one that runs. ``initializers``
-    (name -> OrtValue) replace the graph's own, so sessions can share one copy of the base.
-    A provider that cannot run here is an error (``RuntimeUnavailable``), not a silent CPU fallback."""
-    providers = providers or ["CPUExecutionProvider"]
-    check_providers(providers)
-    ort = onnxruntime()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # adapter graphs warn once per overridable initializer
-    for name, value in (initializers or {}).items():
-        opts.add_initializer(name, value)
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    check_session(sess, providers)
-    sess.shared_initializers = initializers  # onnxruntime does not copy them: they live as long as the session
-    return sess
-
-
-@torch.no_grad()
 def parity(model: torch.nn.Module, sess, images: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
     """Run torch and onnxruntime on the same (normalised) images: max abs diff, argmax agreement."""
-    model.eval()
-    worst, agree, n = 0.0, 0, 0
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        ref = model(x).numpy()
-        got = sess.run([OUTPUT], {INPUT: x.numpy()})[0]
-        worst = max(worst, float(np.abs(ref - got).max()))
-        agree += int((ref.argmax(1) == got.argmax(1)).sum())
-        n += len(x)
-    return {"max_abs_diff": worst, "argmax_agree": agree / max(1, n), "images": n}
+    from exporters.latency import batched_logits
+
+    return compare_logits(model_logits(model, images, batch_size), batched_logits(sess, images.numpy(), batch_size))

@@ -6,12 +6,16 @@ cannot load into one clear error before any work is done.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from pipeline.core.errors import TaskfoldError
+
 CPU_INSTALL = "bash scripts/setup.sh (pip: taskfold[cpu])"
 GPU_INSTALL = "bash scripts/setup.sh --gpu (pip: taskfold[gpu])"
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 
 
-class RuntimeUnavailable(RuntimeError):
+class RuntimeUnavailable(TaskfoldError, RuntimeError):
     """onnxruntime, or an execution provider asked for, is not usable on this machine."""
 
 
@@ -56,3 +60,27 @@ def _build(ort) -> str:
         except PackageNotFoundError:
             continue
     return f"onnxruntime {ort.__version__}"
+
+
+def session(path: Path, threads: int = 0, providers: list[str] | None = None, spinning: bool = False,
+            initializers: dict | None = None):
+    """An onnxruntime session. Spinning is off by default: with many sessions alive (one per
+    task), idle pools that spin-wait steal the cores from the one that runs. ``initializers``
+    (name -> OrtValue) replace the graph's own, so sessions can share one copy of the base.
+    A provider that cannot run here is an error (``RuntimeUnavailable``), not a silent CPU fallback."""
+    providers = providers or ["CPUExecutionProvider"]
+    check_providers(providers)
+    ort = onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # adapter graphs warn once per overridable initializer
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    check_session(sess, providers)
+    sess.shared_initializers = initializers  # onnxruntime does not copy them: they live as long as the session
+    return sess

@@ -6,20 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporters.runtime import RuntimeUnavailable
-from pipeline.backbones import BackboneError
-from pipeline.bundle import BundleError
 from pipeline.config import ConfigError
-from pipeline.data import DataError
-from pipeline.run import STAGES
-from pipeline.train import TrainingError
-
-USER_ERRORS = (ConfigError, BundleError, BackboneError, DataError, TrainingError, RuntimeUnavailable)
+from pipeline.core.errors import TaskfoldError
+from pipeline.stages.runner import STAGES
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.run import Runner
+    from pipeline.stages.runner import Runner
 
     cfg = load_config(args.config)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -31,8 +25,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.bundle import load_bundle
-    from pipeline.storage import format_ledger
+    from pipeline.core.bundle import load_bundle
+    from pipeline.core.ledger import format_ledger
 
     bundle = load_bundle(Path(args.bundle))
     m = bundle.manifest
@@ -47,22 +41,22 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 def _bench(args: argparse.Namespace) -> int:
     from exporters.bench import bench_forms
-    from pipeline.deploy_report import forms_table
-    from pipeline.io import read_json, write_json
+    from pipeline.core.io import read_json, write_json
+    from pipeline.report.deploy import forms_table
+    from pipeline.stages.rundir import RunDir
 
-    run = Path(args.run_dir)
-    forms_file, cfg_file = run / "exports" / "forms.json", run / "config.resolved.json"
-    for f in (forms_file, cfg_file):
+    run = RunDir(Path(args.run_dir))
+    for f in (run.forms_file, run.config_file):
         if not f.is_file():
             raise ConfigError(f"{f}: not found; run `taskfold run CONFIG` with export.forms first")
-    cfg = read_json(cfg_file)
+    cfg = read_json(run.config_file)
     bench = cfg["bench"]
     name = args.name or args.provider
-    res = bench_forms(run / "exports", read_json(forms_file), cfg["backbone"]["image_size"],
+    res = bench_forms(run.exports, read_json(run.forms_file), cfg["backbone"]["image_size"],
                       args.batch_sizes or bench["batch_sizes"], bench["warmup"] if args.warmup is None else args.warmup,
                       args.runs or bench["runs"], args.threads or cfg["run"]["threads"], PROVIDERS[args.provider],
                       memory=not args.no_memory and args.provider == "cpu")
-    out = run / "bench" / f"{name}.json"
+    out = run.bench_file(name)
     write_json(out, res)
     print("\n".join(forms_table(res)))
     print(f"wrote {out}; `taskfold run` (report stage) adds it to report.md")
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except USER_ERRORS as err:
+    except TaskfoldError as err:
         print(f"taskfold: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

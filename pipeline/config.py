@@ -10,13 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from exporters.forms import FORMS, OPTIONAL
+from pipeline.core.errors import TaskfoldError
+from pipeline.data.config import SourceConfig, TaskConfig  # noqa: F401  (sections of the config)
 
 
-class ConfigError(ValueError):
+class ConfigError(TaskfoldError, ValueError):
     """A config that cannot be used; the message names the file and the field."""
 
 
@@ -40,7 +44,7 @@ class BackboneConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from pipeline.backbones import is_known_backbone  # late: imports timm
+        from pipeline.core.backbones import is_known_backbone  # late: imports timm
 
         if not is_known_backbone(name):
             raise ValueError(f"unknown backbone {name!r}: not a timm model, 'tiny_convnet', or 'torchvision:NAME'")
@@ -54,31 +58,6 @@ class BackboneConfig(Strict):
         return weights
 
 
-class SourceConfig(Strict):
-    type: Literal["fashion_mnist", "digits", "image_folder", "torchvision"]
-    root: str | None = None  # fashion_mnist defaults to the Debian package's folder
-    dataset: str | None = None  # torchvision class name, e.g. "CIFAR10"
-
-    @model_validator(mode="after")
-    def _needs(self) -> "SourceConfig":
-        if self.type in ("image_folder", "torchvision") and not self.root:
-            raise ValueError(f"source type {self.type!r} needs 'root'")
-        if self.type == "torchvision" and not self.dataset:
-            raise ValueError("source type 'torchvision' needs 'dataset' (e.g. CIFAR10)")
-        if self.root is not None and not Path(self.root).exists():
-            raise ValueError(f"root: path does not exist: {self.root}")
-        return self
-
-
-class TaskConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    source: SourceConfig
-    domain: Literal["none", "sketch", "negative", "texture", "lowres"] = "none"
-    train_size: int | None = Field(None, ge=1)
-    val_size: int = Field(200, ge=1)
-    test_size: int | None = Field(None, ge=1)
-
-
 class TrainConfig(Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -89,31 +68,32 @@ class TrainConfig(Strict):
     recalibrate_norms: bool = Field(True, description="re-estimate BatchNorm statistics on the train split at the end")
 
 
-DeployForm = Literal["shared", "switch", "branch", "fp16", "int8"]
-
-
-class Int8Recipe(Strict):
-    """How the INT8 edge variant quantises (``exporters.forms.to_int8``). The defaults are the
-    measured best on x86 CPUs without VNNI (``benchmarks/int8_recipes.py``)."""
-
-    weights: Literal["int8", "uint8"] = "int8"  # per-channel weight type
-    activations: Literal["uint8", "int8"] = "uint8"
-    reduce_range: bool = Field(True, description="7-bit weights: no VPMADDUBSW saturation on x86 without VNNI")
-    float_first_conv: bool = Field(True, description="leave the input layer unquantised")
-
-    def describe(self) -> str:
-        bits = "7-bit " if self.reduce_range else ""
-        return (f"{bits}{self.weights} weights / {self.activations} activations, "
-                f"first conv {'float' if self.float_first_conv else 'quantised'}")
-
-
-class ExportConfig(Strict):
+class ExportBase(Strict):
     onnx: bool = True
     opset: int = Field(18, ge=13)
-    # deployment forms besides the merged model (see exporters/deploy.py); [] = merged only
-    forms: list[DeployForm] = Field(default_factory=lambda: ["shared", "switch", "branch", "fp16", "int8"])
+    # deployment forms besides the merged model (exporters/forms); [] = merged only
+    forms: list[str] = Field(default_factory=lambda: list(OPTIONAL))
     calibration_images: int = Field(64, ge=1, description="train images per task that calibrate INT8")
-    int8: Int8Recipe = Field(default_factory=Int8Recipe)
+
+    @field_validator("forms")
+    @classmethod
+    def _known_forms(cls, forms: list[str]) -> list[str]:
+        unknown = [f for f in forms if f not in OPTIONAL]
+        if unknown:
+            raise ValueError(f"unknown deployment form(s) {unknown}; known: {OPTIONAL}")
+        for f in forms:
+            if missing := [r for r in FORMS[f].requires if r not in forms]:
+                raise ValueError(f"form {f!r} is built from {missing}: list them too")
+        return forms
+
+    def form_options(self) -> dict[str, BaseModel]:
+        """Each form's options section (``export.<form>``), for the forms that have one."""
+        return {name: getattr(self, name) for name, form in FORMS.items() if form.Options is not None}
+
+
+# every form's options are a section of their own (``export.int8``), from the form registry
+ExportConfig = create_model("ExportConfig", __base__=ExportBase, **{
+    name: (form.Options, Field(default_factory=form.Options)) for name, form in FORMS.items() if form.Options})
 
 
 class BenchConfig(Strict):
@@ -170,9 +150,10 @@ class RunConfig(Strict):
             if m.base is not None:
                 if m.base not in seen:
                     raise ValueError(f"methods[{i}].base: {m.base!r} is not the label of an earlier method entry")
-                if not REGISTRY[seen[m.base]].joint:
+                if REGISTRY[seen[m.base]].trainer != "joint":
+                    joint = sorted(k for k, v in REGISTRY.items() if v.trainer == "joint")
                     raise ValueError(f"methods[{i}].base: {m.base!r} is a {seen[m.base]!r} entry; a base must come "
-                                     f"from a joint method ({sorted(k for k, v in REGISTRY.items() if v.joint)})")
+                                     f"from a joint method ({joint})")
             unknown = set(getattr(m.params, "task_weights", {})) - tasks
             if unknown:
                 raise ValueError(f"methods[{i}].task_weights: unknown tasks {sorted(unknown)}; tasks: {sorted(tasks)}")

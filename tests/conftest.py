@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
+from pipeline.core.backbones import build_backbone
 from pipeline.config import TaskConfig
 from pipeline.data import load_task
 

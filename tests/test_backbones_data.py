@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.backbones import PACKAGED, BackboneError, build_backbone
+from pipeline.core.backbones import PACKAGED, BackboneError, build_backbone
 from pipeline.config import TaskConfig
 from pipeline.data import DataError, load_task, negative, sketch
 
@@ -33,7 +33,7 @@ def test_local_file_and_hub_loader_paths_read_local_files(tmp_path):
     import timm
 
     model = timm.create_model("efficientnet_lite0")
-    from pipeline.backbones import load_in_order
+    from pipeline.core.backbones import load_in_order
 
     load_in_order(model, PACKAGED["efficientnet_lite0"](), "test")
     path = tmp_path / "lite0.safetensors"

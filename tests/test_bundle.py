@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from pipeline.backbones import build_backbone
-from pipeline.bundle import BundleError, backbone_id, load_bundle, write_bundle
+from pipeline.core.backbones import build_backbone
+from pipeline.core.bundle import BundleError, backbone_id, load_bundle, write_bundle
 from pipeline.data import normalise
-from pipeline.delta import tensor_bits
-from pipeline.fold import compare, merge
+from pipeline.core.delta import tensor_bits
+from pipeline.core.fold import compare, merge
 from pipeline.methods import build_method
 from pipeline.methods.taps import TapsConfig, gates
-from pipeline.storage import safetensors_payload
+from pipeline.core.ledger import safetensors_payload
 
 
 def _deltas(bb, method_name, params=None, tasks=("a", "b")):

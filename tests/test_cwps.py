@@ -6,18 +6,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.bundle import BundleError, load_bundle, write_bundle
+from pipeline.core.bundle import BundleError, load_bundle, write_bundle
 from pipeline.config import parse_config
 from pipeline.data import normalise
-from pipeline.delta import ChannelSelect, TaskDelta
-from pipeline.fold import compare, merge
-from pipeline.io import read_json
+from pipeline.core.delta import ChannelSelect, TaskDelta
+from pipeline.core.fold import compare, merge
+from pipeline.core.io import read_json
 from pipeline.methods import build_method
-from pipeline.methods.base import TrainContext, adaptable_layers
+from pipeline.methods.context import TaskContext
+from pipeline.methods.layers import adaptable_layers
 from pipeline.methods.cwps import CwpsConfig, mixed_layers
-from pipeline.run import Runner
-from pipeline.storage import safetensors_payload
-from pipeline.train import Schedule
+from pipeline.stages.fold import entry_versions
+from pipeline.stages.runner import Runner
+from pipeline.core.ledger import safetensors_payload
+from pipeline.methods.context import Schedule
 from tests.conftest import tiny_config
 
 LAYER = "features.blocks.0.conv_pw"  # a 1x1 conv of the tiny convnet (16 channels)
@@ -42,7 +44,7 @@ def _prepared(bb, data, tmp_path, reference: dict, versions: dict, cfg: CwpsConf
     save_file({k: v.contiguous() for k, v in reference.items()}, str(scratch / "reference.safetensors"))
     (scratch / "search.json").write_text('{"search_epochs": 1, "reference_seconds": 0}')
     method = build_method("cwps", cfg)
-    method.setup(TrainContext(bb, data, Schedule(2, 32, 0.05), 0, tmp_path, versions=versions, pool=list(versions)))
+    method.setup(TaskContext(bb, data, Schedule(2, 32, 0.05), 0, tmp_path, versions=versions, pool=list(versions)))
     model = bb.task_net(data.num_classes, seed=0)
     method.prepare(model)
     return method, model
@@ -185,12 +187,13 @@ def test_cwps_runs_incremental_and_multitask_through_the_runner(tmp_path):
     # the bundle (pointers renamed to tasks, replaced versions' rows copied in) gives the very
     # models that training folded from the versions it kept
     bundle = load_bundle(out / "bundles/cwps")
-    _, final, versions = runner._versions(runner.cfg.methods[0])
+    ctx = runner.ctx
+    final, versions = entry_versions(ctx, runner.cfg.methods[0])
     for task in bundle.tasks:
-        x = normalise(runner.data(task).test.images, runner.backbone.mean, runner.backbone.std)
-        trained = merge(runner.backbone.base_net(), versions[final[task]])
+        x = normalise(ctx.data(task).test.images, ctx.backbone.mean, ctx.backbone.std)
+        trained = merge(ctx.backbone.base_net(), versions[final[task]])
         assert compare(trained, bundle.merged(task), x)["max_abs_diff"] == 0
-    parity = runner.record("export")["parity"]
+    parity = runner.run_dir.record("export")["parity"]
     assert all(v["max_abs_diff"] < 1e-4 and v["argmax_agree"] == 1.0 for v in parity.values())
     ledger = read_json(out / "bundles/cwps/manifest.json")["ledger"]
     for task, t in ledger["tasks"].items():
@@ -201,8 +204,8 @@ def test_cwps_runs_incremental_and_multitask_through_the_runner(tmp_path):
 
 def test_resumed_cwps_unit_equals_uninterrupted(tmp_path, backbones, digits16):
     """The search is cached and the mask stage is checkpointed, so a killed unit resumes exactly."""
-    from pipeline.bundle import write_delta
-    from pipeline.train import train_task
+    from pipeline.core.delta import write_delta
+    from pipeline.training.incremental import train_task
 
     bb, _ = backbones["tiny_convnet"]
     schedule = Schedule(3, 32, 0.05)

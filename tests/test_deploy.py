@@ -12,17 +12,22 @@ import pytest
 import torch
 from torch import nn
 
-from exporters.deploy import AdapterTarget
-from exporters.forms import BASE_DATA, FormError, SharedWeights, SharedWriter, external_info, to_fp16, to_int8
+from exporters.adapters import AdapterTarget, write_switch
+from exporters.forms import FORMS, OPTIONAL
+from exporters.datafiles import BASE_DATA, FormError, SharedWriter, external_info
+from exporters.precision import to_fp16, to_int8
+from exporters.weights import SharedWeights
 from exporters.latency import runner
-from exporters.onnx import OnnxExporter, session
+from exporters.onnx import OnnxExporter
+from exporters.runtime import session
 from exporters.runtime import RuntimeUnavailable
 from pipeline.cli import main
-from pipeline.config import Int8Recipe, parse_config
+from exporters.precision import Int8Recipe
+from pipeline.config import parse_config
 from pipeline.data import normalise
-from pipeline.delta import CPPart, LowRank
-from pipeline.io import read_json
-from pipeline.run import Runner
+from pipeline.core.delta import CPPart, LowRank
+from pipeline.core.io import read_json
+from pipeline.stages.runner import Runner
 from tests.conftest import tiny_config
 
 
@@ -88,7 +93,7 @@ def test_switch_form_adapters_reproduce_each_task(tmp_path, graphs):
     out = tmp_path / "shared"
     w = SharedWriter(out, onnx.load(str(paths["base"])), inline_bytes=0)
     tasks = {t: onnx.load(str(paths[t])) for t in ("own_convs", "norms_only")}
-    info = w.write_switch("m", tasks, onnx.load(str(paths["base"])))
+    info = write_switch(w, "m", tasks, onnx.load(str(paths["base"])))
     assert "head.weight" in info["inputs"] and info["adapters"]["norms_only"]["bytes"] > 0
     sess = session(out / "m.switch.onnx", 1, initializers=SharedWeights(out).initializers(out / "m.switch.onnx"))
     for t in tasks:  # one session, each task by its adapter, in turn
@@ -103,7 +108,7 @@ def test_switch_form_handles_heads_of_different_sizes(tmp_path, backbones, digit
     b = exporter.export(_task_model(bb, 2, classes=4), tmp_path / "b.onnx")
     w = SharedWriter(tmp_path / "s", onnx.load(str(a)), inline_bytes=0)
     # different head shapes are different traces: same nodes still, so the switch form works
-    info = w.write_switch("m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
+    info = write_switch(w, "m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
     sess = session(tmp_path / "s" / "m.switch.onnx", 1)
     x = normalise(digits16.test.images[:5], bb.mean, bb.std).numpy()
     out_b = AdapterTarget(sess, tmp_path / "s" / info["adapters"]["b"]["file"])(x)[0]
@@ -118,7 +123,7 @@ def test_switch_form_refuses_graphs_of_different_structure(tmp_path, backbones):
     b = OnnxExporter(vsize).export(vit.task_net(10).eval(), tmp_path / "b.onnx")
     w = SharedWriter(tmp_path / "s", onnx.load(str(a)))
     with pytest.raises(FormError, match="differ in structure"):
-        w.write_switch("m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
+        write_switch(w, "m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
 
 
 @pytest.mark.parametrize("layer, axes", [
@@ -175,25 +180,31 @@ def test_int8_folds_norms_and_follows_its_recipe(tmp_path, graphs, recipe):
 
 def test_run_builds_checks_and_benches_every_form(tmp_path):
     cfg = tiny_config(tmp_path, methods=["norm_head", {"name": "ftn", "rank": 2}],
-                      export={"forms": ["shared", "switch", "branch", "fp16", "int8"], "calibration_images": 16,
-                              "int8": {"reduce_range": False}},
+                      export={"forms": OPTIONAL, "calibration_images": 16, "int8": {"reduce_range": False}},
                       bench={"warmup": 1, "runs": 3, "batch_sizes": [2], "forms": True})
     cfg["backbone"]["kwargs"] = {"width": 32}  # convs large enough to leave the graph for base.data
     out = tmp_path / "run"
     Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run()
     exports = out / "exports"
     forms = read_json(exports / "forms.json")
-    assert set(forms["methods"]["ftn"]) == {"merged", "shared", "switch", "branch", "branch_switch", "fp16", "int8"}
-    assert "branch" not in forms["methods"]["norm_head"]  # no low-rank deltas, no branch form
+    # every registered form is built for a bundle with low-rank deltas
+    assert set(forms["methods"]["ftn"]) == set(FORMS)
+    assert not any("unavailable" in spec for spec in forms["methods"]["ftn"].values())
+    # no low-rank deltas, no branch form: said so, not built
+    assert set(forms["methods"]["norm_head"]["branch"]) == {"unavailable"}
+    assert set(forms["methods"]["norm_head"]["branch_switch"]) == {"unavailable"}
     int8 = onnx.load(str(exports / forms["methods"]["ftn"]["int8"]["tasks"]["digits"])).graph
     assert max(np.abs(onnx.numpy_helper.to_array(i).astype(int)).max() for i in int8.initializer
                if i.data_type == onnx.TensorProto.INT8) == 127  # the config's recipe: full 8-bit weights
     checks = read_json(out / "stages" / "export.json")["form_checks"]
     for key, c in checks.items():
-        if key.split("/")[-1] in ("shared", "switch", "branch", "branch_switch", "branch_torch"):
-            assert c["max_abs_diff"] < 1e-4 and c["argmax_agree"] == 1.0, (key, c)
-        else:
+        form = key.split("/")[-1]
+        if form in FORMS and FORMS[form].lossy:
             assert 0 <= c["accuracy"] <= 1
+        else:  # exact forms, and the branch graphs against torch
+            assert c["max_abs_diff"] < 1e-4 and c["argmax_agree"] == 1.0, (key, c)
+    # every form that was built was checked on every task (merged is the reference)
+    assert {k.rsplit("/", 2)[-1] for k in checks} >= set(OPTIONAL)
     deploy = read_json(out / "stages" / "bench.json")["deploy"]
     for label, rows in deploy["methods"].items():
         for form, row in rows.items():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.bundle import backbone_id, load_bundle, write_bundle
+from pipeline.core.bundle import backbone_id, load_bundle, write_bundle
 from pipeline.data import normalise
-from pipeline.delta import CPPart, LowRank, cp_dense
-from pipeline.fold import SharedPlusDelta, compare, merge
+from pipeline.core.delta import CPPart, LowRank, cp_dense
+from pipeline.core.fold import SharedPlusDelta, compare, merge
 from pipeline.methods import build_method
 from pipeline.methods.ftn import FtnConfig, adapters, cp_params
-from pipeline.storage import safetensors_payload
+from pipeline.core.ledger import safetensors_payload
 
 
 def _ftn(bb, seed=0, **cfg):

@@ -11,24 +11,25 @@ from safetensors.torch import load_file
 from torch import nn
 
 from exporters.compute import count_flops
-from pipeline.backbones import build_backbone
-from pipeline.blocks import skippable_blocks
-from pipeline.bundle import load_bundle, read_delta, write_delta
+from pipeline.core.backbones import build_backbone
+from pipeline.core.blocks import skippable_blocks
+from pipeline.core.bundle import load_bundle
+from pipeline.core.delta import read_delta, write_delta
 from pipeline.config import ConfigError, parse_config
 from pipeline.data import Split, TaskData, normalise
-from pipeline.delta import Skip, TaskDelta
-from pipeline.fold import compare, merge
-from pipeline.io import read_json
-from pipeline.methods import build_method
+from pipeline.core.delta import Skip, TaskDelta
+from pipeline.core.fold import compare, merge
+from pipeline.core.io import read_json
+from pipeline.methods import REGISTRY, build_method
 from pipeline.methods.adashare import (AdaShare, AdaShareConfig, PolicyBlock, free_blocks, policy_blocks,
                                        sharing_loss, sparsity_loss, temperature)
-from pipeline.methods.base import JointContext
-from pipeline.run import JOINT_UNIT, Runner
-from pipeline.train import Schedule
-from pipeline.train_joint import build_model, train_joint
+from pipeline.stages.rundir import JOINT_UNIT
+from pipeline.stages.runner import Runner
+from pipeline.methods.context import Schedule
+from pipeline.training.joint import build_model, joint_context, train_joint
 from tests.conftest import tiny_config
 
-JOINT_METHODS = ["joint_finetune", "joint_taps", "adashare"]
+JOINT_METHODS = [name for name, m in REGISTRY.items() if m.trainer == "joint"]
 FAST_ADASHARE = {"warmup_epochs": 1, "search_epochs": 1, "samples": 2, "policy_lr": 0.5}
 
 
@@ -128,7 +129,7 @@ def test_joint_loop_runs_every_task_every_step_with_its_weight(backbones, digits
             head.register_forward_hook(lambda m, a, o, i=i: seen.append(model.tasks[i]) if m.training else None)
 
     prepare = method.prepare
-    method.prepare = lambda model: (prepare(model), watch(model))[0]
+    method.prepare = lambda model, variant=0: (prepare(model, variant), watch(model))[0]
     sched = Schedule(epochs=2, batch_size=32, lr=0.05, recalibrate_norms=False)
     out = train_joint(bb, tasks, method, sched, seed=0, progress=False)
     assert out.steps == 2 * 3  # 96 images per task, batch 32
@@ -162,7 +163,7 @@ def test_joint_train_then_fold_is_exact(backbones, digits16, digits32, bb_name, 
         assert type(merged.features) is type(bb.features)
         if method_name == "adashare":
             skipped = [p for p, e in delta.entries.items() if isinstance(e, Skip)]
-            executed = method.describe(out.model, task)["executed"]
+            executed = method.describe(out.model, task).executed
             assert len(skipped) == executed.count(False)
             for path in skipped:
                 assert isinstance(merged.get_submodule(path), nn.Identity)
@@ -178,12 +179,11 @@ def test_adashare_forced_skip_folds_to_a_smaller_graph_that_equals_the_policy_mo
     bb, size = backbones["tiny_convnet"]
     tasks = two_tasks(digits16)
     method = AdaShare(AdaShareConfig(**FAST_ADASHARE))
-    method.setup(JointContext(bb, tasks, Schedule(epochs=1, batch_size=32, lr=0.05), seed=0))
+    method.setup(joint_context(bb, tasks, Schedule(epochs=1, batch_size=32, lr=0.05), seed=0))
     # alpha forced: task "a" skips block 1, task "b" runs everything
     logits = torch.zeros(2, 2, 2)
     logits[0, 1] = torch.tensor([-30.0, 30.0])  # zeros elsewhere: p(execute) 0.5, which executes
     method.policies = method.sample(logits, 1, seed=0)
-    method.select(0)
     model = build_model(bb, tasks, method, seed=0).eval()
     base = model.shared_base()
     x = normalise(tasks["a"].test.images, bb.mean, bb.std)
@@ -215,8 +215,8 @@ def test_skip_entries_survive_the_bundle_and_the_ledger_drops_blocks_no_task_run
     back = read_delta(tmp_path / "a.safetensors")
     assert isinstance(back.entries["features.blocks.1"], Skip) and back.gate_bits == 2
     assert back.params() == 0 and back.bits() == 2
-    from pipeline.storage import build_ledger
-    from pipeline.bundle import base_state
+    from pipeline.core.ledger import build_ledger
+    from pipeline.core.bundle import base_state
 
     state = base_state(bb)
     files = {"base": tmp_path / "a.safetensors", "a": tmp_path / "a.safetensors"}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from exporters.latency import measure
-from exporters.onnx import OnnxExporter, parity, session
+from exporters.onnx import OnnxExporter, parity
+from exporters.runtime import session
 from pipeline.data import normalise
 
 

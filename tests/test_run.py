@@ -7,14 +7,17 @@ import pytest
 import torch
 import yaml
 
-from pipeline.backbones import build_backbone
+from pipeline.core.backbones import build_backbone
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.data import DataError
 from pipeline.methods import build_method
 from pipeline.methods.taps import TapsConfig
-from pipeline.run import Runner
-from pipeline.train import Schedule, TrainingError, train_task
+from pipeline.stages.runner import Runner
+from pipeline.stages.train import unit_hash
+from pipeline.methods.context import Schedule
+from pipeline.training.engine import TrainingError
+from pipeline.training.incremental import train_task
 from tests.conftest import tiny_config
 
 
@@ -195,8 +198,8 @@ def test_runner_resumes_an_interrupted_unit_to_the_same_delta(tmp_path):
     unit = cut / "train" / "taps" / "digits"
     m = cfg.methods[0]
     sched = Schedule(3, raw["train"]["batch_size"], raw["train"]["lr"], head_lr_scale=cfg.train.head_lr_scale)
-    train_task(runner.backbone, runner.data("digits"), build_method("taps", m.params), sched, cfg.run.seed,
-               workdir=unit, signature=runner._unit_hash("taps", "digits"), progress=False, stop_after_epoch=1)
+    train_task(runner.ctx.backbone, runner.ctx.data("digits"), build_method("taps", m.params), sched, cfg.run.seed,
+               workdir=unit, signature=unit_hash(runner.ctx, m, "digits", {}), progress=False, stop_after_epoch=1)
     assert (unit / "checkpoint.pt").is_file() and not (unit / "delta.safetensors").exists()
 
     logs = []

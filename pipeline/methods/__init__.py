@@ -1,14 +1,25 @@
-"""Method registry: one module per method, same contract (see ``base.Method``)."""
+"""The methods, by the name a config uses. One line per method: a new method is its own
+module(s) plus a line here (see ``base`` for the contracts)."""
 from __future__ import annotations
 
-from pipeline.methods.base import Method
+from pipeline.methods.adashare import AdaShare
+from pipeline.methods.base import IncrementalMethod, JointMethod, Method, PoolMethod
+from pipeline.methods.baselines import FineTune, JointFineTune, LinearProbe, NormHead
+from pipeline.methods.cwps import Cwps
+from pipeline.methods.ftn import Ftn
+from pipeline.methods.taps import JointTaps, Taps
 
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
-    return cls
+REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
+    FineTune,
+    LinearProbe,
+    NormHead,
+    Taps,
+    Ftn,
+    Cwps,
+    JointFineTune,
+    JointTaps,
+    AdaShare,
+)}
 
 
 def build_method(name: str, config=None) -> Method:
@@ -17,4 +28,4 @@ def build_method(name: str, config=None) -> Method:
     return REGISTRY[name](config)
 
 
-from pipeline.methods import adashare, baselines, cwps, ftn, joint_taps, taps  # noqa: E402,F401  (registration)
+__all__ = ["REGISTRY", "build_method", "Method", "IncrementalMethod", "PoolMethod", "JointMethod"]

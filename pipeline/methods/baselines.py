@@ -2,14 +2,13 @@
 joint fine-tune of the multi-task setting."""
 from __future__ import annotations
 
-from pipeline.backbones import TaskNet
-from pipeline.delta import TaskDelta
-from pipeline.methods import register
-from pipeline.methods.base import JointMethod, Method, all_tensor_entries, head_entry, norm_entries
+from pipeline.core.backbones import TaskNet
+from pipeline.core.delta import TaskDelta
+from pipeline.methods.base import IncrementalMethod, JointMethod
+from pipeline.methods.layers import all_tensor_entries, head_entry, norm_entries
 
 
-@register
-class FineTune(Method):
+class FineTune(IncrementalMethod):
     """The paragon: every weight is task-specific."""
 
     name = "finetune"
@@ -21,8 +20,7 @@ class FineTune(Method):
         return TaskDelta(task, self.name, all_tensor_entries(model) | norm_entries(model) | head_entry(model))
 
 
-@register
-class LinearProbe(Method):
+class LinearProbe(IncrementalMethod):
     """The feature-extractor baseline: a frozen backbone (base statistics too), a new head."""
 
     name = "linear_probe"
@@ -32,8 +30,7 @@ class LinearProbe(Method):
         return TaskDelta(task, self.name, head_entry(model))
 
 
-@register
-class NormHead(Method):
+class NormHead(IncrementalMethod):
     """The papers' "FC and BN only": task norms and head, shared weights frozen."""
 
     name = "norm_head"
@@ -42,7 +39,6 @@ class NormHead(Method):
         return TaskDelta(task, self.name, norm_entries(model) | head_entry(model))
 
 
-@register
 class JointFineTune(JointMethod):
     """The joint baseline (the papers' "multi-task" / "joint fine-tune"): one backbone trained
     on every task at once; per task only norms and head. The shared weights are the base."""

@@ -28,10 +28,10 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline.backbones import TaskNet
-from pipeline.delta import CPPart, LowRank, TaskDelta
-from pipeline.methods import register
-from pipeline.methods.base import Method, MethodConfig, head_entry, norm_entries, parametrized_layers
+from pipeline.core.backbones import TaskNet
+from pipeline.core.delta import CPPart, LowRank, TaskDelta
+from pipeline.methods.base import Facts, IncrementalMethod, MethodConfig
+from pipeline.methods.layers import head_entry, norm_entries, parametrized_layers
 
 
 class FtnConfig(MethodConfig):
@@ -56,6 +56,13 @@ class FtnConfig(MethodConfig):
         if bad:
             raise ValueError(f"ranks must be >= 0, got {bad}")
         return v
+
+
+class FtnFacts(Facts):
+    layers: list[str]
+    rank: list[int]
+    params: list[int]  # stored factor values per layer
+    base_params: list[int]  # values of the base weight each delta is added to
 
 
 def _drop_unit(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -130,14 +137,17 @@ def adapters(model: TaskNet) -> list[tuple[str, nn.Module, CPAdapter]]:
     return parametrized_layers(model, CPAdapter)
 
 
-@register
-class Ftn(Method):
+class Ftn(IncrementalMethod):
     name = "ftn"
     Config = FtnConfig
+    Facts = FtnFacts
 
     @property
     def task_norms(self) -> bool:
         return self.config.task_norms
+
+    def group_of(self, name: str) -> str:
+        return "factors" if ".parametrizations.weight.0.factors." in name else "body"
 
     def rank_for(self, path: str) -> int:
         cfg = self.config
@@ -168,14 +178,11 @@ class Ftn(Method):
         norms = norm_entries(model) if self.task_norms else {}
         return TaskDelta(task, self.name, entries | norms | head_entry(model))
 
-    def describe(self, model: TaskNet) -> dict:
+    def describe(self, model: TaskNet, task: str) -> FtnFacts:
         layers = adapters(model)
-        return {
-            "layers": [p for p, _, _ in layers],
-            "rank": [len(a.factors[0]) for _, _, a in layers],
-            "params": [sum(f.numel() for f in a.factors) for _, _, a in layers],
-            "base_params": [m.parametrizations.weight.original.numel() for _, m, _ in layers],
-        }
+        return FtnFacts(layers=[p for p, _, _ in layers], rank=[len(a.factors[0]) for _, _, a in layers],
+                        params=[sum(f.numel() for f in a.factors) for _, _, a in layers],
+                        base_params=[m.parametrizations.weight.original.numel() for _, m, _ in layers])
 
 
 def cp_params(axes: tuple[int, ...], rank: int) -> int:

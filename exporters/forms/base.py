@@ -1,0 +1,144 @@
+"""The contract every deployment form keeps, and what building one can use.
+
+A form turns a run's merged per-task models (and its bundles) into the files a device stores
+for K tasks. Each is one module with:
+
+* ``name``, ``note`` (one line for the report), ``Options`` (its config section, or None),
+  ``requires`` (forms it is built from), ``reference`` (what its outputs are checked against);
+* ``applies(bundle)``: None, or why the form has nothing to offer for this bundle;
+* ``build(ctx, label, bundle)``: write the files, return the spec ``forms.json`` lists
+  (``tasks``: task -> file, ``files``: everything a device needs);
+* ``targets(loader, spec)``: task -> ``x -> outputs``, what the bench times and the check runs;
+* ``bring_up(loader, spec, task)``: a task from its files to a callable (the switch time).
+
+``check`` is the same for every form: its targets against the reference on the test split.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import onnx
+from pydantic import BaseModel
+
+from exporters.datafiles import EXTRA_BASES, SHARED, SharedWriter
+from exporters.latency import batched_logits, runner
+from exporters.loader import Loader
+from exporters.onnx import OnnxExporter, base_model
+from pipeline.core.compare import compare_logits
+
+
+@dataclass
+class BuildContext:
+    """One exports folder being built. ``images[task]`` = (calibration images, test images,
+    test labels), normalised float32 arrays."""
+
+    exports: Path
+    writer: SharedWriter  # writes into the shared folder while it is a temp folder
+    exporter: OnnxExporter
+    loader: Loader  # reads that temp folder too
+    images: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    options: dict[str, BaseModel] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    specs: dict[str, dict[str, dict]] = field(default_factory=dict)  # label -> form -> spec built so far
+    graphs: dict[tuple[str, str], dict[str, onnx.ModelProto]] = field(default_factory=dict)  # (label, form) -> graphs
+    checks: dict[str, dict] = field(default_factory=dict)  # checks a form makes while building (branch vs torch)
+    _bases: dict[str, onnx.ModelProto] = field(default_factory=dict)
+    _logits: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    def merged_graphs(self, label: str, tasks: list[str]) -> dict[str, onnx.ModelProto]:
+        if (label, "merged") not in self.graphs:
+            self.graphs[label, "merged"] = {t: onnx.load(str(self.exports / label / f"{t}.onnx")) for t in tasks}
+        return self.graphs[label, "merged"]
+
+    def merged_logits(self, label: str, task: str) -> np.ndarray:
+        """The merged model's test logits, the reference of every other form: computed once."""
+        if (label, task) not in self._logits:
+            self._logits[label, task] = batched_logits(self.loader.open(f"{label}/{task}.onnx"), self.images[task][1])
+        return self._logits[label, task]
+
+    def bundle_base(self, bundle) -> onnx.ModelProto:
+        """The bundle's base as a graph, registered with the writer once per distinct base file.
+        A jointly trained base differs from the pretrained one: its tensors go to
+        ``bases/<sha>.data``, so its tasks share it as the others share ``base.data``."""
+        sha = bundle.manifest["files"]["base.safetensors"]["sha256"]
+        if sha not in self._bases:
+            info = bundle.manifest["backbone"]
+            classes = next(iter(bundle.manifest["tasks"].values()))["num_classes"]
+            model = base_model(bundle.base.features, info["num_features"], classes)
+            with tempfile.TemporaryDirectory() as d:
+                self._bases[sha] = onnx.load(str(self.exporter.export(model, Path(d) / "base.onnx")))
+            added = self.writer.add_base(f"{EXTRA_BASES}/{sha[:16]}.data", self._bases[sha])
+            if added:
+                self.log(f"  {bundle.root.name}: a base of its own, {added:,} bytes not in base.data, shared by its tasks")
+        return self._bases[sha]
+
+
+def copy_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+class Form:
+    name: ClassVar[str]
+    note: ClassVar[str]
+    Options: ClassVar[type[BaseModel] | None] = None
+    requires: ClassVar[tuple[str, ...]] = ()
+    reference: ClassVar[str] = "merged"
+    # True: the check also reports accuracy against the reference's (lossy edge variants)
+    lossy: ClassVar[bool] = False
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options if options is not None else (self.Options() if self.Options else None)
+
+    def applies(self, bundle) -> str | None:
+        return None
+
+    def build(self, ctx: BuildContext, label: str, bundle) -> dict:
+        raise NotImplementedError
+
+    def targets(self, loader: Loader, spec: dict) -> dict[str, Callable]:
+        """task -> ``x -> outputs``: one session per task file (sharing base weights if the spec does)."""
+        return {t: runner(loader.open(rel, spec.get("shared_weights", False))) for t, rel in spec["tasks"].items()}
+
+    def bring_up(self, loader: Loader, spec: dict, task: str, resident=None) -> Callable:
+        """A task brought up from its files (``resident``: what the form keeps loaded between tasks)."""
+        return runner(loader.open(spec["tasks"][task], spec.get("shared_weights", False)))
+
+    def resident(self, loader: Loader, spec: dict):
+        """What stays loaded while tasks are switched (the switch form's one session), or None."""
+        return None
+
+    def check(self, ctx: BuildContext, label: str, spec: dict) -> dict[str, dict]:
+        """Every task's outputs against the reference form's on its test split."""
+        from exporters.forms import FORMS
+
+        got = self.targets(ctx.loader, spec)
+        ref = None if self.reference == "merged" else FORMS[self.reference]().targets(
+            ctx.loader, ctx.specs[label][self.reference])
+        out = {}
+        for task, fn in got.items():
+            _, x, y = ctx.images[task]
+            expected = ctx.merged_logits(label, task) if ref is None else batched_logits(ref[task], x)
+            out[f"{label}/{task}/{self.name}"] = compare_logits(expected, batched_logits(fn, x), y if self.lossy else None)
+        return out
+
+
+def sessions_spec(files: dict[str, str], shared: bool, listed: list[str] | None = None) -> dict:
+    """The spec of a form that runs one session per task file."""
+    return {"kind": "sessions", "shared_weights": shared, "tasks": files,
+            "files": sorted(set(files.values()) | set(listed or []))}
+
+
+def shared_spec(ctx: BuildContext, name: str, graphs: dict[str, onnx.ModelProto]) -> dict:
+    """Write each task's graph into the shared folder (base weights pointing into the base files)."""
+    files, detail = {}, {}
+    for t, g in graphs.items():
+        detail[t] = ctx.writer.write_graph(f"{name}.{t}", copy_graph(g))
+        files[t] = f"{SHARED}/{name}.{t}.onnx"
+    listed = sorted({f"{SHARED}/{f}" for i in detail.values() for f in i["files"]})
+    return {**sessions_spec(files, True, listed), "detail": detail}

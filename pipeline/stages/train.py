@@ -1,0 +1,201 @@
+"""The train stage: every entry's training units, each skipped when its result holds its hash.
+
+* incremental entries: one unit per task, independent of each other;
+* pool entries (CWPS): one unit per (pass, task) in order; a unit's hash chains the hashes of
+  the units before it (it borrows from them), and the pool ledger tracks the version each task
+  keeps;
+* joint entries: one unit for all tasks (``train/<label>/@joint/``), which also writes every
+  task's delta and result where incremental entries have them, so fold and report read both
+  alike. An entry with ``base: <joint label>`` starts from that unit's shared weights, and its
+  hashes include that unit's.
+
+Every unit checks that its folded delta reproduces the trained model before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+from safetensors.torch import save_file
+
+from pipeline.config import MethodEntry
+from pipeline.core.backbones import TaskNet
+from pipeline.core.bundle import base_state
+from pipeline.core.delta import TaskDelta, read_delta, write_delta
+from pipeline.core.errors import TaskfoldError
+from pipeline.core.fold import compare, merge
+from pipeline.core.io import atomic_path, read_json, write_json
+from pipeline.core.versions import version_id, version_pass
+from pipeline.methods import REGISTRY, build_method
+from pipeline.methods.base import PoolMethod
+from pipeline.methods.context import Schedule
+from pipeline.stages.base import Stage, digest
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import step_ms, task_result
+from pipeline.training.evaluate import evaluate
+from pipeline.training.incremental import train_task
+from pipeline.training.joint import train_joint
+from pipeline.training.pool import PoolLedger
+
+# merged vs adapted logits: float re-association only, so this is generous and still catches real bugs
+FOLD_TOLERANCE = 1e-3
+
+
+class FoldError(TaskfoldError, RuntimeError):
+    """The merged model does not reproduce the adapted one."""
+
+
+class TrainStage(Stage):
+    name = "train"
+
+    def run(self, ctx: StageContext) -> dict:
+        units: dict[str, str] = {}
+        joint_hashes: dict[str, str] = {}  # joint entry label -> its unit's hash
+        for entry in ctx.cfg.methods:
+            if REGISTRY[entry.name].trainer == "joint":
+                units |= train_joint_entry(ctx, entry, joint_hashes)
+            else:
+                units |= train_task_entry(ctx, entry, joint_hashes)
+        ctx.hashes["train"] = digest(units)
+        return {"units": units}
+
+
+def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
+    t = ctx.cfg.train
+    return Schedule(entry.epochs or t.epochs, t.batch_size, entry.lr or t.lr, t.momentum, t.weight_decay,
+                    t.head_lr_scale, t.recalibrate_norms)
+
+
+def unit_hash(ctx: StageContext, entry: MethodEntry, task, joint_hashes: dict[str, str], earlier: list[str] = (),
+              pass_: int = 1) -> str:
+    """A unit's input hash; ``earlier``: the hashes of the units it borrows from (pool methods)."""
+    cfg = ctx.cfg
+    described = next(m for m in cfg.to_jsonable()["methods"] if m["label"] == entry.label)
+    extra = [list(earlier), pass_] if earlier or pass_ > 1 else []
+    if entry.base:
+        extra.append(joint_hashes[entry.base])
+    return digest("train", ctx.hashes["prepare"], described, task, cfg.train.model_dump(), cfg.run.seed, *extra)
+
+
+def passes(entry: MethodEntry) -> int:
+    method = build_method(entry.name, entry.params)
+    return method.passes if isinstance(method, PoolMethod) else 1
+
+
+def units_of(ctx: StageContext, entry: MethodEntry):
+    """(pass, task, unit folder, version id) of every unit of an incremental or pool entry, in order."""
+    n = passes(entry)
+    for p in range(1, n + 1):
+        for t in ctx.cfg.tasks:
+            yield p, t.name, ctx.run.unit(entry.label, t.name, p if n > 1 else None), version_id(t.name, p)
+
+
+def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> dict[str, str]:
+    """Train every task of one entry, pass after pass; a pool method's unit sees the versions
+    trained before it and borrows from the one each task keeps (best validation)."""
+    pool_method = REGISTRY[entry.name].trainer == "pool"
+    n = passes(entry)
+    ledger, units, chain = PoolLedger(), {}, []
+    for p, task, unit, _ in units_of(ctx, entry):
+        h = unit_hash(ctx, entry, task, joint_hashes, chain if pool_method else [], p)
+        res = unit / "result.json"
+        tag = f"{entry.label}/{task}" + (f" pass {p}/{n}" if n > 1 else "")
+        if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
+            ctx.log(f"train {tag}: up to date, skipped")
+        else:
+            train_unit(ctx, entry, task, unit, h, tag, ledger.versions if pool_method else {},
+                       ledger.pool() if pool_method else [])
+        units[f"{entry.label}/{task}" + (f"/pass{p}" if n > 1 else "")] = h
+        chain.append(h)
+        if pool_method or n > 1:  # later units read this one's delta, or passes are compared
+            ledger.add(task, p, read_delta(unit / "delta.safetensors"), read_json(res))
+    if n > 1:
+        for task, vid in ledger.final().items():
+            best = read_json(ctx.run.unit(entry.label, task, version_pass(vid)) / "result.json")
+            write_json(ctx.run.result_file(entry.label, task), best | {"kept": vid, "passes": ledger.history[task]})
+    return units
+
+
+def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: str) -> dict:
+    """Does ``delta`` merged onto ``base`` reproduce ``model`` on the task's test images?"""
+    check = compare(model, merge(base, delta), ctx.images(delta.task)[:256])
+    if not check["max_abs_diff"] <= FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
+        raise FoldError(f"{tag}: merged model differs from the adapted one: {check}")
+    return check
+
+
+def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, tag: str, versions: dict,
+               pool: list[str]) -> None:
+    sched = schedule(ctx, entry)
+    data = ctx.data(task)
+    backbone = ctx.start_backbone(entry)
+    method = build_method(entry.name, entry.params)
+    ctx.log(f"train {tag}: {sched.epochs} epochs, lr {sched.lr}, {len(data.train)} images"
+            + (f", pool: base + {', '.join(pool)}" if pool else "")
+            + (f", from {entry.base}'s shared weights" if entry.base else ""))
+    outcome = train_task(backbone, data, method, sched, ctx.cfg.run.seed, unit, h, ctx.progress,
+                         versions=versions, pool=pool)
+    if outcome.record.resumed_from_epoch:
+        ctx.log(f"  resumed from epoch {outcome.record.resumed_from_epoch}")
+    model = outcome.model
+    delta = method.task_delta(model, task)
+    check = fold_check(ctx, model, backbone.base_net(), delta, tag)
+    with atomic_path(unit / "delta.safetensors") as tmp:
+        write_delta(tmp, delta)
+    mean, std = ctx.backbone.mean, ctx.backbone.std
+    rec = outcome.record
+    result = task_result(h, entry, task, evaluate(model, data.val, mean, std), evaluate(model, data.test, mean, std),
+                         rec.history, rec.seconds, step_ms(rec.steps, rec.step_seconds), check,
+                         method.describe(model, task))
+    write_json(unit / "result.json", result)
+    (unit / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(unit / "scratch", ignore_errors=True)
+    ctx.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
+
+
+def train_joint_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> dict[str, str]:
+    """One unit for all tasks."""
+    names = [t.name for t in ctx.cfg.tasks]
+    h = unit_hash(ctx, entry, names, joint_hashes)  # one unit for every task
+    unit = ctx.run.joint_unit(entry.label)
+    done = (unit / "result.json").is_file() and read_json(unit / "result.json").get("hash") == h and all(
+        ctx.run.delta_file(entry.label, t).is_file() for t in names)
+    if done:
+        ctx.log(f"train {entry.label} (joint, {len(names)} tasks): up to date, skipped")
+    else:
+        train_joint_unit(ctx, entry, unit, h)
+    joint_hashes[entry.label] = h
+    return {f"{entry.label}/joint": h}
+
+
+def train_joint_unit(ctx: StageContext, entry: MethodEntry, unit, h: str) -> None:
+    sched = schedule(ctx, entry)
+    method = build_method(entry.name, entry.params)
+    tasks = {t.name: ctx.data(t.name) for t in ctx.cfg.tasks}
+    ctx.log(f"train {entry.label}: joint over {len(tasks)} tasks, {sched.epochs} epochs, lr {sched.lr}, "
+            f"one batch of every task per step" + (f", from {entry.base}'s shared weights" if entry.base else ""))
+    outcome = train_joint(ctx.start_backbone(entry), tasks, method, sched, ctx.cfg.run.seed, unit, h, ctx.progress)
+    model, base = outcome.model, outcome.model.shared_base()
+    rec = outcome.record
+    seconds = outcome.unit_seconds  # a search and every variant included
+    per_step = step_ms(rec.steps, rec.step_seconds)
+    deltas = {task: method.task_delta(model, task) for task in tasks}
+    checks = {t: fold_check(ctx, model.use(t), base, d, f"{entry.label}/{t}") for t, d in deltas.items()}
+    mean, std = ctx.backbone.mean, ctx.backbone.std
+    for task, data in tasks.items():  # every task checked before anything is written
+        with atomic_path(ctx.run.delta_file(entry.label, task)) as tmp:
+            write_delta(tmp, deltas[task])
+        history = [{"epoch": e["epoch"], "val_acc": e["val_acc"][task]} for e in rec.history]
+        result = task_result(h, entry, task, evaluate(model.use(task), data.val, mean, std),
+                             evaluate(model.use(task), data.test, mean, std), history, seconds, per_step,
+                             checks[task], method.describe(model, task), joint=True)
+        write_json(ctx.run.result_file(entry.label, task), result)
+        ctx.log(f"  {entry.label}/{task}: test acc {result['test_acc']:.4f}, "
+                f"fold max diff {checks[task]['max_abs_diff']:.2e}")
+    with atomic_path(ctx.run.shared_weights(entry.label)) as tmp:
+        save_file(base_state(dataclasses.replace(ctx.backbone, features=base.features)), str(tmp))
+    write_json(unit / "result.json", {"hash": h, "history": rec.history, "candidates": outcome.candidates,
+                                      "kept_candidate": outcome.candidate, "train_seconds": round(seconds, 2),
+                                      "step_ms": per_step})
+    ctx.forget_joint_base(entry.label)
+    shutil.rmtree(unit / "scratch", ignore_errors=True)

@@ -1,0 +1,215 @@
+"""Joint multi-task training: every task at once on one shared backbone.
+
+Each step draws one batch from every task (tasks may be different datasets with different
+label sets; an epoch is as many steps as the largest task needs, smaller tasks cycle) and
+runs it through that task's norms and head; the loss is the sum of per-task weighted
+cross-entropies plus the method's regulariser.
+
+Cost in K tasks: a step does K forward/backward passes, so time grows linearly in K. Each
+task's backward runs before the next task's forward (gradients accumulate in the shared
+weights), so activation memory is that of one batch whatever K is; parameters grow by K
+copies of the per-task parts (norms and heads; a joint TAPS also K dense deltas, each the
+size of the layers it gates, with their gradients and momentum).
+
+Parameter groups of another phase (AdaShare's policy) train in their own pass of each epoch
+on the other half of every task's train split, with their own optimiser. A method with
+several variants gets each trained from scratch; the best mean validation is kept.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.core.backbones import Backbone
+from pipeline.data import Split, TaskData, normalise
+from pipeline.methods.base import JointMethod
+from pipeline.methods.context import JointContext, Schedule
+from pipeline.methods.layers import NORM_TYPES
+from pipeline.methods.multitask import MultiTaskNet
+from pipeline.training import optim
+from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError
+from pipeline.training.evaluate import evaluate, recalibrate_task_norms
+
+
+@dataclass
+class JointOutcome:
+    model: MultiTaskNet
+    record: LoopRecord
+    candidates: list[dict] = field(default_factory=list)  # every variant's final validation
+    unit_seconds: float = 0.0  # ``train_joint`` in all: the method's setup (a search) and every variant
+
+    @property
+    def history(self) -> list[dict]:
+        return self.record.history
+
+    @property
+    def steps(self) -> int:
+        return self.record.steps
+
+    @property
+    def resumed_from_epoch(self) -> int:
+        return self.record.resumed_from_epoch
+
+    @property
+    def candidate(self) -> int:
+        return self.model.variant
+
+    @property
+    def mean_val(self) -> float:
+        return self.history[-1]["mean_val_acc"] if self.history else float("-inf")
+
+
+def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule,
+                seed: int, workdir: Path | None = None, signature: str = "", progress: bool = True,
+                stop_after_epoch: int | None = None) -> JointOutcome:
+    """Train ``method`` on all ``tasks``; with several variants, keep the best mean validation."""
+    workdir = Path(workdir) if workdir is not None else None
+    t0 = time.perf_counter()
+    method.setup(joint_context(backbone, tasks, schedule, seed, workdir, signature, progress))
+    best, seen = None, []
+    n = method.variants()
+    for i in range(n):
+        ckpt = workdir / "scratch" / f"candidate{i}" / "checkpoint.pt" if workdir is not None else None
+        out = run_joint(backbone, tasks, method, schedule, seed, ckpt, f"{signature}/candidate{i}", progress,
+                        stop_after_epoch, desc=f"{method.name}" + (f" #{i}" if n > 1 else ""), variant=i)
+        seen.append({"candidate": i, "mean_val_acc": out.mean_val, "train_seconds": round(out.record.seconds, 2)})
+        if best is None or out.mean_val > best.mean_val:
+            best = out
+    best.candidates = seen
+    best.unit_seconds = time.perf_counter() - t0
+    return best
+
+
+def joint_context(backbone: Backbone, tasks: dict[str, TaskData], schedule: Schedule, seed: int,
+                  workdir: Path | None = None, signature: str = "", progress: bool = False) -> JointContext:
+    """The context a joint method is set up with; its ``fit`` is this trainer's ``run_joint``."""
+    def fit(m: JointMethod, sched: Schedule, ckpt: Path | None, sig: str, desc: str) -> JointOutcome:
+        return run_joint(backbone, tasks, m, sched, seed, ckpt, sig, progress, desc=desc)
+
+    image_size = next(iter(tasks.values())).train.images.shape[-1]
+    return JointContext(backbone, tasks, image_size, schedule, seed, workdir, signature, progress, fit)
+
+
+def build_model(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, seed: int,
+                variant: int = 0) -> MultiTaskNet:
+    heads = {t: backbone.new_head(d.num_classes, seed + i) for i, (t, d) in enumerate(tasks.items())}
+    model = MultiTaskNet(copy.deepcopy(backbone.features), heads)
+    model.variant = variant
+    if method.task_norms:
+        model.task_norms(NORM_TYPES)
+    method.prepare(model, variant)
+    return model.to(memory_format=MEMORY_FORMAT)
+
+
+def _halves(split: Split) -> tuple[Split, Split]:
+    """Every other image: the weights' half and the policy's half, same label mix."""
+    return (Split(split.images[0::2], split.labels[0::2]), Split(split.images[1::2], split.labels[1::2]))
+
+
+def _cycle(split: Split, batch_size: int, gen: torch.Generator):
+    while True:
+        yield from split.batches(batch_size, gen)
+
+
+class JointTrainer:
+    """One joint model, its optimisers (one per phase and kind) and its step."""
+
+    def __init__(self, backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule,
+                 seed: int, progress: bool = True, desc: str = "joint", variant: int = 0):
+        self.backbone, self.tasks, self.method, self.schedule, self.seed = backbone, tasks, method, schedule, seed
+        self.progress, self.desc = progress, desc
+        torch.manual_seed(seed)
+        self.model = build_model(backbone, tasks, method, seed, variant)
+        groups = method.param_groups(self.model)
+        phases = {optim.resolve(method, schedule)[g].phase for g, ps in groups.items() if ps}
+        self.splits = {"weights": {t: d.train for t, d in tasks.items()}}
+        if "policy" in phases:
+            halves = {t: _halves(d.train) for t, d in tasks.items()}
+            self.splits = {"weights": {t: h[0] for t, h in halves.items()},
+                           "policy": {t: h[1] for t, h in halves.items()}}
+        self.steps_per_epoch = {ph: math.ceil(max(len(s) for s in sp.values()) / schedule.batch_size)
+                                for ph, sp in self.splits.items()}
+        self.optimisers = optim.build(method, self.model, schedule, self.steps_per_epoch["weights"])
+
+    def step(self, batches: dict[str, tuple[torch.Tensor, torch.Tensor]], epoch: int, phase: str) -> float:
+        """One optimiser step of ``phase`` over one uint8 batch of every task; returns the loss."""
+        model, method = self.model, self.method
+        self.optimisers.zero_grad(phase)
+        step_loss = 0.0
+        for t, (x, y) in batches.items():
+            logits = model.use(t)(normalise(x, self.backbone.mean, self.backbone.std)
+                                  .contiguous(memory_format=MEMORY_FORMAT))
+            loss = method.task_weight(t) * F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{method.name}/{t}: loss is {loss.item()} at epoch {epoch + 1} ({phase} phase, "
+                                    f"lr {self.optimisers.lr():.3g}); lower the lr")
+            loss.backward()
+            step_loss += loss.item()
+        reg = method.regulariser(model, epoch)
+        if reg is not None and reg.requires_grad:
+            if not torch.isfinite(reg):
+                raise TrainingError(f"{method.name}: regulariser is {reg.item()} at epoch {epoch + 1}")
+            reg.backward()
+            step_loss += reg.item()
+        self.optimisers.step(phase)
+        return step_loss
+
+    def phase(self, epoch: int, phase: str, record: LoopRecord) -> float:
+        """One pass of a phase; returns its mean loss."""
+        self.method.train_mode(self.model)
+        splits = self.splits[phase]
+        offset = 50 if phase == "policy" else 0  # each task and phase its own stream
+        iters = {t: _cycle(s, self.schedule.batch_size,
+                           torch.Generator().manual_seed(self.seed * 7919 + epoch * 101 + i + offset))
+                 for i, (t, s) in enumerate(splits.items())}
+        steps = self.steps_per_epoch[phase]
+        total = 0.0
+        for _ in tqdm(range(steps), disable=not self.progress, leave=False,
+                      desc=f"{self.desc} {phase} epoch {epoch + 1}/{self.schedule.epochs}"):
+            batches = {t: next(iters[t]) for t in splits}
+            total += record.timed(lambda: self.step(batches, epoch, phase))
+        return round(total / max(1, steps), 5)
+
+    def epoch(self, epoch: int, record: LoopRecord) -> dict:
+        self.method.start_epoch(self.model, epoch)
+        losses = {}
+        for phase in self.method.phases(epoch):
+            self.optimisers.set_phase(phase)
+            losses[phase] = self.phase(epoch, phase, record)
+        self.optimisers.set_phase(None)
+        rec = {"epoch": epoch + 1, "train_loss": losses, **self.validate()}
+        if self.progress:
+            tqdm.write(f"  {self.desc} epoch {epoch + 1}: loss {losses}, mean val acc {rec['mean_val_acc']:.4f}")
+        return rec
+
+    def validate(self) -> dict:
+        val = {t: evaluate(self.model.use(t), d.val, self.backbone.mean, self.backbone.std)
+               for t, d in self.tasks.items()}
+        return {"val_acc": val, "mean_val_acc": mean(val.values())}
+
+
+def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule, seed: int,
+              ckpt: Path | None = None, signature: str = "", progress: bool = True,
+              stop_after_epoch: int | None = None, desc: str = "joint", variant: int = 0) -> JointOutcome:
+    """One joint training of one model (``train_joint`` runs one per variant)."""
+    trainer = JointTrainer(backbone, tasks, method, schedule, seed, progress, desc, variant)
+    model = trainer.model
+    loop = Loop(schedule.epochs, seed, {"model": model} | trainer.optimisers.stateful(), ckpt, signature,
+                stop_after_epoch)
+    record = loop.run(lambda epoch: trainer.epoch(epoch, loop.record))
+    if loop.finished and schedule.recalibrate_norms and method.task_norms:
+        t0 = time.perf_counter()
+        recalibrate_task_norms(model, {t: d.train for t, d in tasks.items()}, backbone.mean, backbone.std,
+                               schedule.batch_size)
+        record.history[-1].update(trainer.validate())  # what variants are compared on
+        record.seconds += time.perf_counter() - t0
+    model.to(memory_format=torch.contiguous_format).eval()
+    return JointOutcome(model, record)
