@@ -22,7 +22,6 @@ from exporters.latency import measure
 from exporters.runtime import session
 from exporters.precision import Int8Recipe
 from pipeline.config import parse_config
-from pipeline.data import normalise
 from pipeline.core.io import read_json
 from pipeline.stages.context import StageContext
 from pipeline.stages.rundir import RunDir
@@ -55,14 +54,13 @@ def main() -> None:
     ctx = StageContext(cfg, run, progress=False, log=lambda s: None)
     labels = args.labels.split(",") if args.labels else [m.label for m in cfg.methods]
     tasks = args.tasks.split(",") if args.tasks else [t.name for t in cfg.tasks]
-    bb = ctx.backbone
     work = Path(tempfile.mkdtemp(prefix="int8_recipes_"))
     acc: dict[str, dict[str, float]] = {}
     for label in labels:
         for task in tasks:
             data = ctx.data(task)
-            calib = normalise(data.train.images, bb.mean, bb.std)[: cfg.export.calibration_images].numpy()
-            x, y = normalise(data.test.images, bb.mean, bb.std).numpy(), data.test.labels.numpy()
+            calib = data.train_eval.inputs(cfg.export.calibration_images).numpy()
+            x, y = data.test.inputs().numpy(), data.test.labels.numpy()
             src = run.export(label, task)
             row = {"fp32": accuracy(src, x, y, args.threads)}
             for name, recipe in RECIPES.items():

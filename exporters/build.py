@@ -24,8 +24,8 @@ from pipeline.core.io import atomic_dir, write_json
 def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles: dict, images: dict,
                 threads: int, options: dict[str, BaseModel] | None = None, log: Callable[[str], None] = print) -> dict:
     """``forms``: names from ``FORMS`` (merged is always built); ``bundles``: label -> Bundle whose
-    merged models are already at ``<label>/<task>.onnx``; ``images[task]`` = (calibration images,
-    test images, test labels), normalised float32 arrays. Returns ``{"forms": ..., "checks": ...}``."""
+    merged models are already at ``<label>/<task>.onnx``; ``images[task]``: a ``TaskImages``.
+    Returns ``{"forms": ..., "checks": ...}``."""
     exports = Path(exports)
     wanted = ["merged"] + [f for f in FORMS if f in forms and f != "merged"]
     manifest: dict = {"methods": {}}

@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import onnx
 import torch
 
-from pipeline.core.compare import compare_logits, model_logits
+from pipeline.core.compare import compare_logits
 from pipeline.core.io import atomic_path
 
 INPUT, OUTPUT = "images", "logits"
@@ -128,8 +130,19 @@ class OnnxExporter:
         return Path(path)
 
 
-def parity(model: torch.nn.Module, sess, images: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
-    """Run torch and onnxruntime on the same (normalised) images: max abs diff, argmax agreement."""
-    from exporters.latency import batched_logits
+@torch.no_grad()
+def parity(model: torch.nn.Module, sess, batches: Iterable, batch_size: int = 256) -> dict[str, float]:
+    """Run torch and onnxruntime on the same (normalised) image batches: max abs diff, argmax
+    agreement. ``batches``: numpy or torch batches, or one tensor cut into ``batch_size`` batches."""
+    from exporters.latency import runner
 
-    return compare_logits(model_logits(model, images, batch_size), batched_logits(sess, images.numpy(), batch_size))
+    if isinstance(batches, (torch.Tensor, np.ndarray)):
+        batches = [batches[i : i + batch_size] for i in range(0, len(batches), batch_size)]
+    fn = runner(sess)
+    model.eval()
+    ref, got = [], []
+    for x in batches:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        ref.append(model(x).numpy())
+        got.append(fn(x.numpy())[0])
+    return compare_logits(np.concatenate(ref), np.concatenate(got))

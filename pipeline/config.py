@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 from exporters.forms import FORMS, OPTIONAL
 from pipeline.core.errors import TaskfoldError
-from pipeline.data.config import SourceConfig, TaskConfig  # noqa: F401  (sections of the config)
+from pipeline.data.config import DataOptions, SourceConfig, TaskConfig  # noqa: F401  (sections of the config)
 
 
 class ConfigError(TaskfoldError, ValueError):
@@ -30,7 +31,20 @@ class Strict(BaseModel):
 
 class RunOptions(Strict):
     seed: int = 0
-    threads: int = Field(2, ge=1)
+    threads: int = Field(2, ge=1, description="intra-op threads per process (CPU training, onnxruntime)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="auto (CUDA when available), cpu, cuda, cuda:N; under torchrun cuda:LOCAL_RANK")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training autocast dtype (fp16: "
+                                                                             "with a GradScaler)")
+    workers: int | Literal["auto"] = Field("auto", description="DataLoader workers for sources that decode files "
+                                                               "(auto: cores - 1, at most 8; in-memory sources: 0)")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, w):
+        if w != "auto" and w < 0:
+            raise ValueError("workers must be >= 0 or 'auto'")
+        return w
 
 
 class BackboneConfig(Strict):
@@ -52,8 +66,9 @@ class BackboneConfig(Strict):
 
     @field_validator("weights")
     @classmethod
-    def _weights(cls, weights: str) -> str:
-        if weights not in ("packaged", "none", "hub") and not Path(weights).is_file():
+    def _weights(cls, weights: str, info: ValidationInfo) -> str:
+        check = (info.context or {}).get("check_paths", True)
+        if weights not in ("packaged", "none", "hub") and check and not Path(weights).is_file():
             raise ValueError(f"weights file not found: {weights} (or use packaged, none, hub)")
         return weights
 
@@ -66,6 +81,23 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     head_lr_scale: float = Field(10.0, gt=0, description="head lr = lr x this (the head starts from random)")
     recalibrate_norms: bool = Field(True, description="re-estimate BatchNorm statistics on the train split at the end")
+    augment: str = Field("none", description="none | standard (RandomResizedCrop + flip) | a timm auto-augment "
+                                             "string (rand-m9-mstd0.5), on top of the standard crop and flip")
+    sync_bn: bool = Field(False, description="SyncBatchNorm across the processes of a torchrun (CUDA only)")
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, augment: str) -> str:
+        if augment in ("none", "standard"):
+            return augment
+        from timm.data import create_transform  # late: imports timm
+
+        try:
+            create_transform(32, is_training=True, auto_augment=augment)
+        except Exception as err:  # timm's parsers raise assorted errors for a bad spec
+            raise ValueError(f"{augment!r} is not none, standard, or a timm auto-augment spec "
+                             f"(e.g. rand-m9-mstd0.5): {err}") from None
+        return augment
 
 
 class ExportBase(Strict):
@@ -122,6 +154,7 @@ class RunConfig(Strict):
     run: RunOptions = Field(default_factory=RunOptions)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     tasks: list[TaskConfig]
+    data: DataOptions = Field(default_factory=DataOptions)
     methods: list[MethodEntry]
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -228,8 +261,10 @@ def _parse_methods(path: str, raw: Any) -> list[dict[str, Any]]:
     return out
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a run config; raise ConfigError naming file and field on any problem."""
+def load_config(path: str | Path, check_paths: bool = True) -> RunConfig:
+    """Read and validate a run config; raise ConfigError naming file and field on any problem.
+    ``check_paths`` False accepts data roots and weight files that do not exist (yet): a
+    dry run reports them instead."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -237,15 +272,15 @@ def load_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(raw, str(path))
+    return parse_config(raw, str(path), check_paths)
 
 
-def parse_config(raw: Any, path: str = "<config>") -> RunConfig:
+def parse_config(raw: Any, path: str = "<config>", check_paths: bool = True) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: <top>: expected a mapping of sections")
     raw = dict(raw)
     methods = _parse_methods(path, raw.pop("methods", None))
     try:
-        return RunConfig(**raw, methods=methods)
+        return RunConfig.model_validate({**raw, "methods": methods}, context={"check_paths": check_paths})
     except ValidationError as err:
         raise ConfigError(_format(path, err)) from None

@@ -8,7 +8,6 @@ import torch
 
 from pipeline.core.backbones import build_backbone
 from pipeline.core.bundle import BundleError, backbone_id, load_bundle, write_bundle
-from pipeline.data import normalise
 from pipeline.core.delta import tensor_bits
 from pipeline.core.fold import compare, merge
 from pipeline.methods import build_method
@@ -47,7 +46,7 @@ def test_round_trip_reproduces_the_adapted_models(tiny_bundle, digits16):
     root, bb, deltas, models = tiny_bundle
     bundle = load_bundle(root, expect_backbone="tiny_convnet")
     assert bundle.tasks == ["a", "b"]
-    x = normalise(digits16.test.images, bb.mean, bb.std)
+    x = digits16.test.inputs()
     for t, model in models.items():
         check = compare(model, bundle.merged(t), x)
         assert check["max_abs_diff"] < 1e-5 and check["argmax_agree"] == 1.0

@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 
 from pipeline.core.bundle import BundleError, load_bundle, write_bundle
 from pipeline.config import parse_config
-from pipeline.data import normalise
 from pipeline.core.delta import ChannelSelect, TaskDelta
 from pipeline.core.fold import compare, merge
 from pipeline.core.io import read_json
@@ -190,7 +189,7 @@ def test_cwps_runs_incremental_and_multitask_through_the_runner(tmp_path):
     ctx = runner.ctx
     final, versions = entry_versions(ctx, runner.cfg.methods[0])
     for task in bundle.tasks:
-        x = normalise(ctx.data(task).test.images, ctx.backbone.mean, ctx.backbone.std)
+        x = ctx.data(task).test.inputs()
         trained = merge(ctx.backbone.base_net(), versions[final[task]])
         assert compare(trained, bundle.merged(task), x)["max_abs_diff"] == 0
     parity = runner.run_dir.record("export")["parity"]

@@ -24,7 +24,6 @@ from exporters.runtime import RuntimeUnavailable
 from pipeline.cli import main
 from exporters.precision import Int8Recipe
 from pipeline.config import parse_config
-from pipeline.data import normalise
 from pipeline.core.delta import CPPart, LowRank
 from pipeline.core.io import read_json
 from pipeline.stages.runner import Runner
@@ -53,7 +52,7 @@ def graphs(tmp_path, backbones, digits16):
     paths = {"base": exporter.export(bb.task_net(10, seed=0).eval(), tmp_path / "base.onnx"),
              "own_convs": exporter.export(_task_model(bb, 1), tmp_path / "own_convs.onnx"),
              "norms_only": exporter.export(_task_model(bb, 2, touch_convs=False), tmp_path / "norms_only.onnx")}
-    x = normalise(digits16.test.images, bb.mean, bb.std).numpy()
+    x = digits16.test.inputs().numpy()
     return paths, x
 
 
@@ -110,7 +109,7 @@ def test_switch_form_handles_heads_of_different_sizes(tmp_path, backbones, digit
     # different head shapes are different traces: same nodes still, so the switch form works
     info = write_switch(w, "m", {"a": onnx.load(str(a)), "b": onnx.load(str(b))}, onnx.load(str(a)))
     sess = session(tmp_path / "s" / "m.switch.onnx", 1)
-    x = normalise(digits16.test.images[:5], bb.mean, bb.std).numpy()
+    x = digits16.test.inputs(5).numpy()
     out_b = AdapterTarget(sess, tmp_path / "s" / info["adapters"]["b"]["file"])(x)[0]
     assert out_b.shape == (5, 4)
     np.testing.assert_allclose(out_b, _ref(b, x), atol=1e-5)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pipeline.core.bundle import backbone_id, load_bundle, write_bundle
-from pipeline.data import normalise
 from pipeline.core.delta import CPPart, LowRank, cp_dense
 from pipeline.core.fold import SharedPlusDelta, compare, merge
 from pipeline.methods import build_method
@@ -107,7 +106,7 @@ def test_attention_variants_on_timms_fused_qkv(backbones, digits16, variant):
         assert torch.equal(w_qkv, attn.qkv.weight)
     # the paper's variants adapt attention only
     assert all(".attn." in p for p, d in delta.entries.items() if d.kind == "lowrank")
-    x = normalise(digits16.test.images, bb.mean, bb.std)
+    x = digits16.test.inputs()
     check = compare(model, merged, x)
     assert check["max_abs_diff"] < 1e-5 and check["argmax_agree"] == 1.0
 
@@ -132,7 +131,7 @@ def test_bundle_round_trip_and_ledger(tmp_path, backbones, digits16):
     manifest = write_bundle(tmp_path / "b", bb, backbone_id(bb, "none", 16), deltas, {"name": "ftn"},
                             {"a": 10, "b": 10})
     bundle = load_bundle(tmp_path / "b")
-    x = normalise(digits16.test.images, bb.mean, bb.std)
+    x = digits16.test.inputs()
     for d in deltas:
         _, payload = safetensors_payload(tmp_path / "b" / "tasks" / f"{d.task}.safetensors")
         assert payload * 8 == manifest["ledger"]["tasks"][d.task]["bits"] == d.bits()
@@ -162,7 +161,7 @@ def test_shared_plus_delta_equals_merged_without_dense_copies(backbones, digits1
         deltas.append(method.task_delta(model, t))
     base = bb.base_net()
     shared = SharedPlusDelta(base, deltas)
-    x = normalise(digits16.test.images, bb.mean, bb.std)
+    x = digits16.test.inputs()
     with torch.no_grad():
         for d in deltas:
             expected = merge(base, d)(x)
@@ -185,7 +184,7 @@ def test_frozen_norms_option_keeps_the_base_statistics(backbones, digits16):
     method.prepare(model)
     method.train_mode(model)
     x, _ = next(digits16.train.batches(16))
-    model(normalise(x, bb.mean, bb.std))  # a train-mode forward: BN statistics must not move
+    model(x)  # a train-mode forward: BN statistics must not move
     for k, v in bb.features.state_dict().items():
         if "running" in k:
             assert torch.equal(model.features.state_dict()[k], v), k

@@ -16,7 +16,7 @@ from pipeline.core.blocks import skippable_blocks
 from pipeline.core.bundle import load_bundle
 from pipeline.core.delta import read_delta, write_delta
 from pipeline.config import ConfigError, parse_config
-from pipeline.data import Split, TaskData, normalise
+from pipeline.data import TaskData
 from pipeline.core.delta import Skip, TaskDelta
 from pipeline.core.fold import compare, merge
 from pipeline.core.io import read_json
@@ -35,8 +35,7 @@ FAST_ADASHARE = {"warmup_epochs": 1, "search_epochs": 1, "samples": 2, "policy_l
 
 def two_tasks(data: TaskData) -> dict[str, TaskData]:
     """The task and its negative: two tasks with the same labels, different domains."""
-    neg = lambda s: Split(255 - s.images, s.labels)  # noqa: E731
-    return {"a": data, "b": TaskData("b", data.num_classes, neg(data.train), neg(data.val), neg(data.test))}
+    return {"a": data, "b": data.shifted("b", "negative")}
 
 
 # ---------------------------------------------------------------- skippable blocks
@@ -157,7 +156,7 @@ def test_joint_train_then_fold_is_exact(backbones, digits16, digits32, bb_name, 
     for task in tasks:
         delta = method.task_delta(out.model, task)
         merged = merge(base, delta)
-        x = normalise(tasks[task].test.images, bb.mean, bb.std)
+        x = tasks[task].test.inputs()
         check = compare(out.model.use(task), merged, x)
         assert check["max_abs_diff"] < 1e-5 and check["argmax_agree"] == 1.0, (task, check)
         assert type(merged.features) is type(bb.features)
@@ -186,7 +185,7 @@ def test_adashare_forced_skip_folds_to_a_smaller_graph_that_equals_the_policy_mo
     method.policies = method.sample(logits, 1, seed=0)
     model = build_model(bb, tasks, method, seed=0).eval()
     base = model.shared_base()
-    x = normalise(tasks["a"].test.images, bb.mean, bb.std)
+    x = tasks["a"].test.inputs()
     da, db = method.task_delta(model, "a"), method.task_delta(model, "b")
     assert [p for p, e in da.entries.items() if isinstance(e, Skip)] == ["features.blocks.1"]
     assert not any(isinstance(e, Skip) for e in db.entries.values())

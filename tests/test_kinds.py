@@ -12,7 +12,6 @@ from pipeline.core.delta import KINDS, TaskDelta
 from pipeline.core.delta.codec import decode, metadata
 from pipeline.core.fold import compare, merge
 from pipeline.core.ledger import safetensors_payload
-from pipeline.data import normalise
 from pipeline.methods import REGISTRY, build_method
 from pipeline.methods.context import Schedule
 from pipeline.training.incremental import train_task
@@ -77,9 +76,9 @@ def test_bundle_merges_to_the_trained_model_and_its_ledger_is_the_disk(tmp_path,
     manifest = write_bundle(tmp_path / name, shared_bb, backbone_id(shared_bb, "none", 16), deltas, {"name": name},
                             {t: 10 for t in tasks})
     bundle = load_bundle(tmp_path / name, expect_backbone="tiny_convnet")
-    x = normalise(digits16.test.images, bb.mean, bb.std)
+    x = digits16.test.inputs()
     for task, (model, delta) in tasks.items():
-        images = x if task == "a" else normalise(255 - digits16.test.images, bb.mean, bb.std)
+        images = x if task == "a" else digits16.shifted("b", "negative").test.inputs()
         if hasattr(model, "use"):  # a joint model: switch it to this task
             model.use(task)
         check = compare(model, bundle.merged(task), images)

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import normalise
 from pipeline.core.fold import compare, merge
 from pipeline.methods import REGISTRY, build_method
 from pipeline.training.incremental import task_context
@@ -22,8 +21,8 @@ def _train_steps(model, method, data, bb, steps=3, lr=0.05, epoch=0):
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     method.start_epoch(model, epoch)
     method.train_mode(model)
-    for i, (x, y) in enumerate(data.train.batches(32, torch.Generator().manual_seed(0))):
-        loss = F.cross_entropy(model(normalise(x, bb.mean, bb.std)), y)
+    for i, (x, y) in enumerate(data.train.batches(32)):
+        loss = F.cross_entropy(model(x), y)
         reg = method.regulariser(model, epoch=0)
         if reg is not None:
             loss = loss + reg
@@ -71,7 +70,7 @@ def test_train_then_fold_is_exact(backbones, digits16, digits32, bb_name, method
     delta = method.task_delta(model, "digits")
     base = bb.base_net()
     merged = merge(base, delta)
-    x = normalise(data.test.images, bb.mean, bb.std)
+    x = data.test.inputs()
     check = compare(model, merged, x)
     assert check["max_abs_diff"] < 1e-5, check
     assert check["argmax_agree"] == 1.0
@@ -107,7 +106,7 @@ def test_taps_straight_through_gradient_and_storage(backbones, digits16):
             g.delta.normal_(0, 0.01)
     x, y = next(digits16.train.batches(16))
     model.train()
-    loss = F.cross_entropy(model(normalise(x, bb.mean, bb.std)), y)
+    loss = F.cross_entropy(model(x), y)
     loss.backward()
     for path, layer, g in layers:
         # d loss / d s == <d loss / d w, dw>  (straight-through: the backward of s * dw);

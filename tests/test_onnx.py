@@ -8,7 +8,6 @@ import torch
 from exporters.latency import measure
 from exporters.onnx import OnnxExporter, parity
 from exporters.runtime import session
-from pipeline.data import normalise
 
 
 def _trained_like(bb, seed):
@@ -27,7 +26,7 @@ def _trained_like(bb, seed):
 def test_onnx_matches_torch_and_reuses_one_trace(tmp_path, backbones, digits16, bb_name):
     bb, size = backbones[bb_name]
     exporter = OnnxExporter(size)
-    x = normalise(digits16.test.images, bb.mean, bb.std)
+    x = digits16.test.inputs()
     for seed in (1, 2):  # the second model goes through apply_weights on the first trace
         model = _trained_like(bb, seed)
         path = exporter.export(model, tmp_path / f"m{seed}.onnx")
@@ -63,7 +62,7 @@ def test_a_new_head_shape_gets_its_own_trace(tmp_path, backbones, digits16):
     five = bb.task_net(5).eval()
     path = exporter.export(five, tmp_path / "b.onnx")
     assert exporter.traces == 2
-    out = session(path).run(None, {"images": normalise(digits16.test.images[:3], bb.mean, bb.std).numpy()})[0]
+    out = session(path).run(None, {"images": digits16.test.inputs(3).numpy()})[0]
     assert out.shape == (3, 5)
 
 

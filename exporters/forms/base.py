@@ -25,7 +25,8 @@ import onnx
 from pydantic import BaseModel
 
 from exporters.datafiles import EXTRA_BASES, SHARED, SharedWriter
-from exporters.latency import batched_logits, runner
+from exporters.images import TaskImages, logits
+from exporters.latency import runner
 from exporters.loader import Loader
 from exporters.onnx import OnnxExporter, base_model
 from pipeline.core.compare import compare_logits
@@ -33,14 +34,13 @@ from pipeline.core.compare import compare_logits
 
 @dataclass
 class BuildContext:
-    """One exports folder being built. ``images[task]`` = (calibration images, test images,
-    test labels), normalised float32 arrays."""
+    """One exports folder being built; ``images[task]``: what the forms are checked on."""
 
     exports: Path
     writer: SharedWriter  # writes into the shared folder while it is a temp folder
     exporter: OnnxExporter
     loader: Loader  # reads that temp folder too
-    images: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    images: dict[str, TaskImages]
     options: dict[str, BaseModel] = field(default_factory=dict)
     log: Callable[[str], None] = print
     specs: dict[str, dict[str, dict]] = field(default_factory=dict)  # label -> form -> spec built so far
@@ -57,7 +57,8 @@ class BuildContext:
     def merged_logits(self, label: str, task: str) -> np.ndarray:
         """The merged model's test logits, the reference of every other form: computed once."""
         if (label, task) not in self._logits:
-            self._logits[label, task] = batched_logits(self.loader.open(f"{label}/{task}.onnx"), self.images[task][1])
+            self._logits[label, task] = logits(runner(self.loader.open(f"{label}/{task}.onnx")),
+                                               self.images[task].batches())
         return self._logits[label, task]
 
     def bundle_base(self, bundle) -> onnx.ModelProto:
@@ -122,9 +123,10 @@ class Form:
             ctx.loader, ctx.specs[label][self.reference])
         out = {}
         for task, fn in got.items():
-            _, x, y = ctx.images[task]
-            expected = ctx.merged_logits(label, task) if ref is None else batched_logits(ref[task], x)
-            out[f"{label}/{task}/{self.name}"] = compare_logits(expected, batched_logits(fn, x), y if self.lossy else None)
+            images = ctx.images[task]
+            expected = ctx.merged_logits(label, task) if ref is None else logits(ref[task], images.batches())
+            out[f"{label}/{task}/{self.name}"] = compare_logits(expected, logits(fn, images.batches()),
+                                                                images.labels if self.lossy else None)
         return out
 
 

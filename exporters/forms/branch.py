@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import torch
 
 from exporters.forms.base import BuildContext, Form, shared_spec
 from exporters.forms.switch import Switch, switch_spec
@@ -32,7 +31,7 @@ def branch_graphs(ctx: BuildContext, label: str, bundle) -> dict[str, onnx.Model
                 model = bundle.merged(t, branches=True)
                 path = ctx.exporter.export(model, Path(d) / f"{t}.onnx")
                 checks[f"{label}/{t}/branch_torch"] = parity(model, session(path, ctx.loader.threads),
-                                                             torch.from_numpy(ctx.images[t][1]))
+                                                             ctx.images[t].batches())
                 graphs[t] = onnx.load(str(path))
         ctx.graphs[label, "branch"] = graphs
         ctx.checks.update(checks)

@@ -32,5 +32,6 @@ class Int8(Form):
         files = {}
         for t in bundle.tasks:
             files[t] = f"{label}/{t}.int8.onnx"
-            to_int8(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t], ctx.images[t][0], recipe=self.options)
+            to_int8(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t], ctx.images[t].calibration,
+                    recipe=self.options)
         return sessions_spec(files, shared=False)

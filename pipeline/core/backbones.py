@@ -42,6 +42,8 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    interpolation: str = "bilinear"  # of its pretrained eval transform (timm's resolve_data_config)
+    crop_pct: float = 0.875
 
     def base_net(self) -> TaskNet:
         """The shared base as a TaskNet with no head (eval mode): what every delta merges onto.
@@ -137,7 +139,8 @@ def _build_timm(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:
         load_by_name(model, read_state_file(Path(weights)), str(weights), _classifier_prefixes(model))
     cfg = timm.data.resolve_data_config({}, model=model)
     model.reset_classifier(0)
-    return Backbone(name, model, model.num_features, tuple(cfg["mean"]), tuple(cfg["std"]), kwargs)
+    return Backbone(name, model, model.num_features, tuple(cfg["mean"]), tuple(cfg["std"]), kwargs,
+                    cfg.get("interpolation", "bilinear"), float(cfg.get("crop_pct", 0.875)))
 
 
 def _build_torchvision(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:

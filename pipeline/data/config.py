@@ -1,26 +1,33 @@
-"""The ``tasks`` section of a run config: where each task's images come from and how many."""
+"""The ``tasks`` and ``data`` sections of a run config: where each task's images come from, how
+many, and what to do with an image that cannot be decoded."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+# a name that becomes a path part: letters, digits, '_', '-', '.', not starting with '.'
+SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 
 class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["fashion_mnist", "digits", "image_folder", "torchvision"]
-    root: str | None = None  # fashion_mnist defaults to the Debian package's folder
+    type: Literal["fashion_mnist", "digits", "image_folder", "file_list", "torchvision"]
+    # fashion_mnist: the IDX folder (default: the Debian package's); image_folder: the folder;
+    # file_list: the CSV or JSON-lines file; torchvision: the dataset's local root
+    root: str | None = None
     dataset: str | None = None  # torchvision class name, e.g. "CIFAR10"
 
     @model_validator(mode="after")
-    def _needs(self) -> "SourceConfig":
-        if self.type in ("image_folder", "torchvision") and not self.root:
+    def _needs(self, info: ValidationInfo) -> "SourceConfig":
+        if self.type in ("image_folder", "file_list", "torchvision") and not self.root:
             raise ValueError(f"source type {self.type!r} needs 'root'")
         if self.type == "torchvision" and not self.dataset:
             raise ValueError("source type 'torchvision' needs 'dataset' (e.g. CIFAR10)")
-        if self.root is not None and not Path(self.root).exists():
+        check = (info.context or {}).get("check_paths", True)
+        if check and self.root is not None and not Path(self.root).exists():
             raise ValueError(f"root: path does not exist: {self.root}")
         return self
 
@@ -28,9 +35,19 @@ class SourceConfig(BaseModel):
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=SAFE_NAME)
     source: SourceConfig
     domain: Literal["none", "sketch", "negative", "texture", "lowres"] = "none"
     train_size: int | None = Field(None, ge=1)
     val_size: int = Field(200, ge=1)
     test_size: int | None = Field(None, ge=1)
+    # share of the resized image the centre crop keeps; None: the source's own choice (full-frame
+    # glyph sets keep everything) or else the backbone's pretrained config (e.g. 0.875)
+    crop_pct: float | None = Field(None, gt=0, le=1)
+
+
+class DataOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="an image that cannot be decoded stops the run (naming it), or is skipped and reported")

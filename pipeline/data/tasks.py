@@ -1,103 +1,118 @@
-"""Task specs -> in-memory image tensors, with deterministic domain shifts and splits.
+"""A task's index (the seeded train/val/test assignment of its source's items, with labels and
+class names) and the ``TaskData`` built from it.
 
-Every task becomes three uint8 tensors (N, 3, S, S) at the backbone's image size plus
-labels. Domain shifts of one labelled set (sketch, negative, texture, low resolution)
-give DomainNet-style tasks: same labels, different domains. Everything is seeded, so the
-same config gives the same pixels, and the prepare stage can be skipped by hash.
+The prepare stage records the index, never pixels: ``prepared/<task>.json`` holds the items (file
+paths or source positions), labels, class names and the source's fingerprint (a hash of its
+file list and sizes); everything else is read lazily by the splits' datasets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.config import TaskConfig
-from pipeline.data.shifts import SHIFTS
-from pipeline.data.sources import DataError, digits, fashion_mnist, image_folder, torchvision_dataset
+from pipeline.data.dataset import Split, TaskData, TaskDataset
+from pipeline.data.errors import DataError
+from pipeline.data.sources import Pools, open_source
+from pipeline.data.transforms import Preprocess, ToInput
+
+INDEX_FORMAT = "taskfold-index/1"
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class Split:
-    images: torch.Tensor  # uint8 (N, 3, S, S)
-    labels: torch.Tensor  # int64 (N,)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
-        """Yield (uint8 images, labels); shuffled when a generator is given."""
-        order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
-        for i in range(0, len(self), batch_size):
-            idx = order[i : i + batch_size]
-            yield self.images[idx], self.labels[idx]
-
-
-@dataclass
-class TaskData:
-    name: str
+class TaskIndex:
+    task: str
     num_classes: int
-    train: Split
-    val: Split
-    test: Split
+    classes: list[str]
+    splits: dict[str, dict[str, list]]  # split -> {"items": [...], "labels": [...]}
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)  # what the assignment had to change (subset sizes cut)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{s}.{k}": getattr(getattr(self, s), k) for s in ("train", "val", "test") for k in ("images", "labels")}
+    def to_json(self) -> dict:
+        return {"format": INDEX_FORMAT, "task": self.task, "num_classes": self.num_classes, "classes": self.classes,
+                "fingerprint": self.fingerprint, "notes": self.notes, "splits": self.splits}
 
     @classmethod
-    def from_tensors(cls, name: str, num_classes: int, t: dict[str, torch.Tensor]) -> "TaskData":
-        return cls(name, num_classes, *(Split(t[f"{s}.images"], t[f"{s}.labels"]) for s in ("train", "val", "test")))
+    def from_json(cls, d: dict, where: str) -> "TaskIndex":
+        if not isinstance(d, dict) or d.get("format") != INDEX_FORMAT:
+            raise DataError(f"{where}: not a taskfold task index ({INDEX_FORMAT}); rerun with --force prepare")
+        return cls(d["task"], int(d["num_classes"]), list(d["classes"]), d["splits"], d.get("fingerprint", ""),
+                   list(d.get("notes", [])))
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.splits[s]["labels"]) for s in SPLITS}
 
 
-def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N,3,H,W) -> float, normalised with the backbone's statistics."""
-    x = images.float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+def build_index(task: TaskConfig, pools: Pools, seed: int) -> TaskIndex:
+    """The seeded assignment: val carved from the train pool (unless the source gives one), then
+    the train subset, then the test subset."""
+    gen = torch.Generator().manual_seed(seed)
+    items, labels = pools.train
+    notes = []
+    perm = torch.randperm(len(labels), generator=gen).tolist()
+    if pools.val is not None:
+        vpos = torch.randperm(len(pools.val[1]), generator=gen).tolist()[: task.val_size]
+        val = ([pools.val[0][i] for i in vpos], [pools.val[1][i] for i in vpos])
+        train_pos = perm
+    else:
+        if task.val_size >= len(perm):
+            raise DataError(f"task {task.name!r}: val_size {task.val_size} leaves no training images "
+                            f"(pool {len(perm)})")
+        val = ([items[i] for i in perm[: task.val_size]], [labels[i] for i in perm[: task.val_size]])
+        train_pos = perm[task.val_size :]
+    if task.train_size is not None and task.train_size > len(train_pos):
+        notes.append(f"train_size {task.train_size} > {len(train_pos)} images available: using {len(train_pos)}")
+    train_pos = train_pos[: task.train_size]
+    test_items, test_labels = pools.test
+    test_pos = torch.randperm(len(test_labels), generator=gen).tolist()
+    if task.test_size is not None and task.test_size > len(test_pos):
+        notes.append(f"test_size {task.test_size} > {len(test_pos)} images available: using {len(test_pos)}")
+    test_pos = test_pos[: task.test_size]
+    splits = {"train": {"items": [items[i] for i in train_pos], "labels": [labels[i] for i in train_pos]},
+              "val": {"items": val[0], "labels": val[1]},
+              "test": {"items": [test_items[i] for i in test_pos], "labels": [test_labels[i] for i in test_pos]}}
+    for s in SPLITS:
+        if not splits[s]["labels"]:
+            raise DataError(f"task {task.name!r}: the {s} split is empty")
+    return TaskIndex(task.name, len(pools.classes), list(pools.classes), splits, pools.fingerprint, notes)
 
 
-def _to_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    x = x.float().div(255.0)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
+def shift_seed(task: TaskConfig, seed: int) -> int:
+    return seed * 1000 + sum(map(ord, task.name))
 
 
-def _finish(x: torch.Tensor, domain: str, size: int, seed: int, chunk: int = 2048) -> torch.Tensor:
-    out = []
-    for i in range(0, len(x), chunk):
-        y = SHIFTS[domain](_to_size(x[i : i + chunk], size), seed + i)
-        out.append(y.mul(255.0).round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
+def task_data(task: TaskConfig, index: TaskIndex, pools: Pools, pre: Preprocess, seed: int, augment: str = "none",
+              workers: int = 0, pin_memory: bool = False) -> TaskData:
+    """The task's splits over its index: train with ``augment``, the others with the evaluation
+    transform; each split its own range of domain-shift seeds."""
+    crop = task.crop_pct if task.crop_pct is not None else pools.crop_pct
+    evaluate = ToInput(pre, False, "none", crop, task.domain)
+    base = shift_seed(task, seed)
+
+    def split(name: str, transform: ToInput, offset: int) -> Split:
+        s = index.splits[name]
+        ds = TaskDataset(s["items"], s["labels"], pools.reader, transform, base + offset,
+                         f"task {task.name!r}, split {name!r}")
+        return Split(ds, workers, pin_memory)
+
+    train = split("train", ToInput(pre, True, augment, crop, task.domain), 0)
+    return TaskData(task.name, index.num_classes, train, split("val", evaluate, 10**6), split("test", evaluate, 2 * 10**6),
+                    index.classes, split("train", evaluate, 0))
 
 
-def load_task(task: TaskConfig, image_size: int, seed: int) -> TaskData:
-    """Read the task's source, subsample train/val/test deterministically, shift, resize."""
-    src = task.source
+def open_task_source(task: TaskConfig, seed: int) -> Pools:
+    """``open_source``, with the task named in any error."""
     try:
-        if src.type == "fashion_mnist":
-            train, test, k = fashion_mnist(src.root)
-        elif src.type == "digits":
-            train, test, k = digits(seed)
-        elif src.type == "image_folder":
-            train, test, k = image_folder(src.root, image_size, seed)
-        else:
-            train, test, k = torchvision_dataset(src.dataset, src.root)
+        return open_source(task.source, seed)
     except DataError as err:
         raise DataError(f"task {task.name!r}: {err}") from None
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(train[1]), generator=gen)
-    if task.val_size >= len(perm):
-        raise DataError(f"task {task.name!r}: val_size {task.val_size} leaves no training images (pool {len(perm)})")
-    val_idx = perm[: task.val_size]
-    train_idx = perm[task.val_size :][: task.train_size]
-    test_idx = torch.randperm(len(test[1]), generator=gen)[: task.test_size]
-    shift_seed = seed * 1000 + sum(map(ord, task.name))
 
-    def split(pool, idx, offset):
-        return Split(_finish(pool[0][idx], task.domain, image_size, shift_seed + offset), pool[1][idx].clone())
 
-    return TaskData(task.name, k, split(train, train_idx, 0), split(train, val_idx, 10**6), split(test, test_idx, 2 * 10**6))
+def load_task(task: TaskConfig, image_size: int | Preprocess, seed: int, augment: str = "none",
+              workers: int = 0) -> TaskData:
+    """Open the task's source and split it (no files written): tests, benchmarks, notebooks."""
+    pre = image_size if isinstance(image_size, Preprocess) else Preprocess(image_size)
+    pools = open_task_source(task, seed)
+    return task_data(task, build_index(task, pools, seed), pools, pre, seed, augment, workers)

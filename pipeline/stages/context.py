@@ -7,14 +7,19 @@ import copy
 import dataclasses
 from typing import Callable
 
+import os
+
 import torch
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file
 
 from pipeline.config import MethodEntry, RunConfig
 from pipeline.core.backbones import Backbone, build_backbone
-from pipeline.data import TaskData, normalise
+from pipeline.core.io import read_json
+from pipeline.data import Pools, Preprocess, TaskData, TaskIndex, task_data
+from pipeline.data.tasks import open_task_source
 from pipeline.methods import REGISTRY
 from pipeline.stages.rundir import RunDir
+from pipeline.training.runtime import Runtime, init_distributed, resolve_device, world_from_env
 
 
 class StageContext:
@@ -27,7 +32,45 @@ class StageContext:
         self.timings: dict[str, float] = {}
         self._backbone: Backbone | None = None
         self._data: dict[str, TaskData] = {}
+        self._pools: dict[str, Pools] = {}  # source (as JSON) -> its pools
         self._joint_bases: dict[str, Backbone] = {}
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """This process's device, precision and place in a torchrun (the group joined on first use)."""
+        if self._runtime is None:
+            r = self.cfg.run
+            rank, world, local = world_from_env()
+            device = resolve_device(r.device, local)
+            if self.cfg.train.sync_bn and world > 1 and device.type != "cuda":
+                from pipeline.training.runtime import DeviceError
+
+                raise DeviceError("train.sync_bn: SyncBatchNorm needs CUDA devices; this run is on the CPU")
+            init_distributed(device, world)
+            self._runtime = Runtime(device, r.precision, rank, world, 0, self.cfg.data.on_bad_image,
+                                    self.cfg.train.sync_bn)
+        return self._runtime
+
+    @property
+    def preprocess(self) -> Preprocess:
+        bb = self.backbone
+        return Preprocess(self.cfg.backbone.image_size, bb.mean, bb.std, bb.interpolation, bb.crop_pct)
+
+    def pools(self, task: str) -> Pools:
+        """The task's source, opened (cached: sources shared by several tasks are read once)."""
+        t = next(t for t in self.cfg.tasks if t.name == task)
+        key = t.source.model_dump_json()
+        if key not in self._pools:
+            self._pools[key] = open_task_source(t, self.cfg.run.seed)
+        return self._pools[key]
+
+    def workers(self, pools: Pools) -> int:
+        """DataLoader workers for a task: none for in-memory sources, else ``run.workers``."""
+        w = self.cfg.run.workers
+        if w != "auto":
+            return w
+        return 0 if pools.in_memory else max(1, min(8, (os.cpu_count() or 2) - 1))
 
     @property
     def backbone(self) -> Backbone:
@@ -36,21 +79,23 @@ class StageContext:
             self._backbone = build_backbone(b.name, b.weights, b.kwargs, seed=self.cfg.run.seed)
         return self._backbone
 
+    def index(self, task: str) -> TaskIndex:
+        path = self.run.prepared(task)
+        return TaskIndex.from_json(read_json(path), str(path))
+
     def data(self, task: str) -> TaskData:
+        """The task's splits over the index the prepare stage recorded."""
         if task not in self._data:
-            path = str(self.run.prepared(task))
-            with safe_open(path, framework="pt") as f:
-                k = int(f.metadata()["num_classes"])
-            self._data[task] = TaskData.from_tensors(task, k, load_file(path))
+            cfg = next(t for t in self.cfg.tasks if t.name == task)
+            pools = self.pools(task)
+            rt = self.runtime
+            self._data[task] = task_data(cfg, self.index(task), pools, self.preprocess, self.cfg.run.seed,
+                                         self.cfg.train.augment, self.workers(pools), rt.device.type == "cuda")
         return self._data[task]
 
-    def keep_data(self, data: TaskData) -> None:
-        self._data[data.name] = data
-
-    def images(self, task: str, split: str = "test") -> torch.Tensor:
-        """A split's images, normalised for the backbone."""
-        s = getattr(self.data(task), split)
-        return normalise(s.images, self.backbone.mean, self.backbone.std)
+    def images(self, task: str, split: str = "test", limit: int | None = None) -> torch.Tensor:
+        """A split's first ``limit`` inputs (normalised for the backbone) as one tensor."""
+        return getattr(self.data(task), "train_eval" if split == "train" else split).inputs(limit)
 
     def joint_base(self, label: str) -> Backbone:
         """The backbone with the shared weights a joint entry trained (its bundle's base)."""

@@ -37,7 +37,7 @@ class ExportStage(Stage):
                 merged = bundle.merged(task)
                 flops[f"{label}/{task}"] = count_flops(merged, c.backbone.image_size)
                 exporter.export(merged, path)
-                check = parity(merged, session(path, c.run.threads), ctx.images(task))
+                check = parity(merged, session(path, c.run.threads), test_batches(ctx, task))
                 results[f"{label}/{task}"] = check
                 outputs.append(run.rel(path))
                 ctx.log(f"export {run.rel(path)}: max |onnx - torch| {check['max_abs_diff']:.2e}, "
@@ -50,15 +50,29 @@ class ExportStage(Stage):
         return {"outputs": outputs, "parity": results, "flops": flops, "traces": exporter.traces, **forms}
 
 
+def test_batches(ctx: StageContext, task: str):
+    """The task's test inputs, normalised float32 numpy batches, in order (read as they go)."""
+    return (x.numpy() for x, _ in ctx.data(task).test.batches(256))
+
+
+def task_images(ctx: StageContext, task: str):
+    """What the forms of a task are checked on: calibration images, the test split streamed."""
+    import numpy as np
+
+    from exporters.images import TaskImages
+
+    data = ctx.data(task)
+    calibration = data.train_eval.inputs(limit=ctx.cfg.export.calibration_images).numpy()
+    labels = np.concatenate([y.numpy() for _, y in data.test.batches(256)])  # of the images that decode
+    return TaskImages(calibration, lambda: test_batches(ctx, task), labels)
+
+
 def export_forms(ctx: StageContext, exporter, bundles: dict) -> dict:
     from exporters.build import build_forms
 
     c = ctx.cfg
     ctx.log(f"export: deployment forms {', '.join(c.export.forms)}")
-    images = {}
-    for t in c.tasks:
-        calib = ctx.images(t.name, "train")[: c.export.calibration_images].numpy()
-        images[t.name] = (calib, ctx.images(t.name).numpy(), ctx.data(t.name).test.labels.numpy())
+    images = {t.name: task_images(ctx, t.name) for t in c.tasks}
     built = build_forms(ctx.run.exports, exporter, c.export.forms, bundles, images, c.run.threads,
                         c.export.form_options(), ctx.log)
     for key, check in built["checks"].items():

@@ -117,8 +117,11 @@ def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[s
 
 
 def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: str) -> dict:
-    """Does ``delta`` merged onto ``base`` reproduce ``model`` on the task's test images?"""
-    check = compare(model, merge(base, delta), ctx.images(delta.task)[:256])
+    """Does ``delta`` merged onto ``base`` reproduce ``model`` on the task's test images? In
+    float32, on the device the unit trained on (``delta`` and ``base`` are on the CPU)."""
+    device = next(model.parameters()).device
+    merged = merge(base, delta).to(device)
+    check = compare(model, merged, ctx.images(delta.task, limit=256).to(device))
     if not check["max_abs_diff"] <= FOLD_TOLERANCE or check["argmax_agree"] < 1.0:
         raise FoldError(f"{tag}: merged model differs from the adapted one: {check}")
     return check
@@ -133,23 +136,25 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
     ctx.log(f"train {tag}: {sched.epochs} epochs, lr {sched.lr}, {len(data.train)} images"
             + (f", pool: base + {', '.join(pool)}" if pool else "")
             + (f", from {entry.base}'s shared weights" if entry.base else ""))
+    rt = ctx.runtime
     outcome = train_task(backbone, data, method, sched, ctx.cfg.run.seed, unit, h, ctx.progress,
-                         versions=versions, pool=pool)
+                         versions=versions, pool=pool, runtime=rt)
     if outcome.record.resumed_from_epoch:
         ctx.log(f"  resumed from epoch {outcome.record.resumed_from_epoch}")
     model = outcome.model
-    delta = method.task_delta(model, task)
+    delta = method.task_delta(model, task).to("cpu").link(versions)
     check = fold_check(ctx, model, backbone.base_net(), delta, tag)
-    with atomic_path(unit / "delta.safetensors") as tmp:
-        write_delta(tmp, delta)
-    mean, std = ctx.backbone.mean, ctx.backbone.std
     rec = outcome.record
-    result = task_result(h, entry, task, evaluate(model, data.val, mean, std), evaluate(model, data.test, mean, std),
+    result = task_result(h, entry, task, evaluate(model, data.val, rt), evaluate(model, data.test, rt),
                          rec.history, rec.seconds, step_ms(rec.steps, rec.step_seconds), check,
-                         method.describe(model, task))
-    write_json(unit / "result.json", result)
-    (unit / "checkpoint.pt").unlink(missing_ok=True)
-    shutil.rmtree(unit / "scratch", ignore_errors=True)
+                         method.describe(model, task), skipped=outcome.skipped_images)
+    if rt.main:
+        with atomic_path(unit / "delta.safetensors") as tmp:
+            write_delta(tmp, delta)
+        write_json(unit / "result.json", result)
+        (unit / "checkpoint.pt").unlink(missing_ok=True)
+        shutil.rmtree(unit / "scratch", ignore_errors=True)
+    rt.barrier()
     ctx.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
 
 
@@ -174,28 +179,35 @@ def train_joint_unit(ctx: StageContext, entry: MethodEntry, unit, h: str) -> Non
     tasks = {t.name: ctx.data(t.name) for t in ctx.cfg.tasks}
     ctx.log(f"train {entry.label}: joint over {len(tasks)} tasks, {sched.epochs} epochs, lr {sched.lr}, "
             f"one batch of every task per step" + (f", from {entry.base}'s shared weights" if entry.base else ""))
-    outcome = train_joint(ctx.start_backbone(entry), tasks, method, sched, ctx.cfg.run.seed, unit, h, ctx.progress)
-    model, base = outcome.model, outcome.model.shared_base()
+    rt = ctx.runtime
+    outcome = train_joint(ctx.start_backbone(entry), tasks, method, sched, ctx.cfg.run.seed, unit, h, ctx.progress,
+                          runtime=rt, image_size=ctx.cfg.backbone.image_size)
+    model = outcome.model
+    base = model.shared_base().to("cpu")
     rec = outcome.record
     seconds = outcome.unit_seconds  # a search and every variant included
     per_step = step_ms(rec.steps, rec.step_seconds)
-    deltas = {task: method.task_delta(model, task) for task in tasks}
+    deltas = {task: method.task_delta(model, task).to("cpu") for task in tasks}
     checks = {t: fold_check(ctx, model.use(t), base, d, f"{entry.label}/{t}") for t, d in deltas.items()}
-    mean, std = ctx.backbone.mean, ctx.backbone.std
+    results = {}
     for task, data in tasks.items():  # every task checked before anything is written
-        with atomic_path(ctx.run.delta_file(entry.label, task)) as tmp:
-            write_delta(tmp, deltas[task])
         history = [{"epoch": e["epoch"], "val_acc": e["val_acc"][task]} for e in rec.history]
-        result = task_result(h, entry, task, evaluate(model.use(task), data.val, mean, std),
-                             evaluate(model.use(task), data.test, mean, std), history, seconds, per_step,
-                             checks[task], method.describe(model, task), joint=True)
-        write_json(ctx.run.result_file(entry.label, task), result)
+        results[task] = task_result(h, entry, task, evaluate(model.use(task), data.val, rt),
+                                    evaluate(model.use(task), data.test, rt), history, seconds, per_step, checks[task],
+                                    method.describe(model, task), joint=True)
+    if rt.main:
+        for task, result in results.items():
+            with atomic_path(ctx.run.delta_file(entry.label, task)) as tmp:
+                write_delta(tmp, deltas[task])
+            write_json(ctx.run.result_file(entry.label, task), result)
+        with atomic_path(ctx.run.shared_weights(entry.label)) as tmp:
+            save_file(base_state(dataclasses.replace(ctx.backbone, features=base.features)), str(tmp))
+        write_json(unit / "result.json", {"hash": h, "history": rec.history, "candidates": outcome.candidates,
+                                          "kept_candidate": outcome.candidate, "train_seconds": round(seconds, 2),
+                                          "step_ms": per_step})
+        shutil.rmtree(unit / "scratch", ignore_errors=True)
+    rt.barrier()
+    for task, result in results.items():
         ctx.log(f"  {entry.label}/{task}: test acc {result['test_acc']:.4f}, "
                 f"fold max diff {checks[task]['max_abs_diff']:.2e}")
-    with atomic_path(ctx.run.shared_weights(entry.label)) as tmp:
-        save_file(base_state(dataclasses.replace(ctx.backbone, features=base.features)), str(tmp))
-    write_json(unit / "result.json", {"hash": h, "history": rec.history, "candidates": outcome.candidates,
-                                      "kept_candidate": outcome.candidate, "train_seconds": round(seconds, 2),
-                                      "step_ms": per_step})
     ctx.forget_joint_base(entry.label)
-    shutil.rmtree(unit / "scratch", ignore_errors=True)

@@ -8,6 +8,7 @@ rather than silently mixed in.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import atomic_path
+from pipeline.training.runtime import Runtime
 
 # NHWC is ~15% faster per CPU training step for EfficientNet-Lite0's depthwise convs
 # (456 -> 387 ms fine-tune, 464 -> 401 ms TAPS at batch 64, 64 px, 2 threads)
@@ -56,7 +58,8 @@ class Loop:
     ``state_dict``/``load_state_dict``) after each."""
 
     def __init__(self, epochs: int, seed: int, stateful: dict, ckpt: Path | None = None, signature: str = "",
-                 stop_after_epoch: int | None = None):
+                 stop_after_epoch: int | None = None, runtime: Runtime | None = None):
+        self.runtime = runtime or Runtime()
         self.epochs = epochs
         self.seed = seed
         self.stateful = stateful
@@ -74,8 +77,11 @@ class Loop:
         t0 = time.perf_counter()
         for epoch in range(start, self.epochs):
             torch.manual_seed(epoch_seed(self.seed, epoch))
+            random.seed(epoch_seed(self.seed, epoch))
             rec.history.append(epoch_fn(epoch))
-            save_checkpoint(self.ckpt, self.signature, epoch, rec.history, self.stateful)
+            if self.runtime.main:  # every process holds the same state; one writes it
+                save_checkpoint(self.ckpt, self.signature, epoch, rec.history, self.stateful)
+            self.runtime.barrier()
             if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch:
                 break
         rec.seconds = time.perf_counter() - t0

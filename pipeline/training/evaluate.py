@@ -1,48 +1,75 @@
-"""Accuracy on a split, and BatchNorm statistics re-estimated after training."""
+"""Accuracy on a split, and BatchNorm statistics re-estimated after training; both in float32,
+on the unit's device, each process over its share of the split and reduced across processes."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pipeline.data import Split, normalise
+from pipeline.data import BadImages, Split
 from pipeline.methods.multitask import MultiTaskNet, TaskNorms
+from pipeline.training.runtime import Runtime
+
+BN = nn.modules.batchnorm._BatchNorm
+
+
+def batches(split: Split, batch_size: int, runtime: Runtime, bad: BadImages | None = None):
+    """This process's share of ``split`` in order, on the device (each image once overall)."""
+    bad = bad or BadImages(runtime.on_bad_image)
+    for batch in split.loader(batch_size, rank=runtime.rank, world=runtime.world, pad=False):
+        bad.check(batch, split.dataset.where)
+        if len(batch.y):
+            yield batch.x.to(runtime.device, non_blocking=True), batch.y.to(runtime.device, non_blocking=True)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, mean, std, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, split: Split, runtime: Runtime | None = None, batch_size: int = 256) -> float:
+    runtime = runtime or Runtime()
     model.eval()
-    correct = 0
-    for x, y in split.batches(batch_size):
-        correct += int((model(normalise(x, mean, std)).argmax(1) == y).sum())
-    return correct / max(1, len(split))
+    counts = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    for x, y in batches(split, batch_size, runtime):
+        counts[0] += (model(x).argmax(1) == y).sum()
+        counts[1] += len(y)
+    runtime.all_sum(counts)
+    return float(counts[0] / counts[1].clamp_min(1))
 
 
-def recalibrate_norms(model: nn.Module, split: Split, mean, std, batch_size: int) -> None:
+@torch.no_grad()
+def _estimate(model: nn.Module, norms: list[BN], split: Split, runtime: Runtime, batch_size: int) -> None:
+    """Cumulative batch statistics of ``norms`` over ``split`` (as ``torch.optim.swa_utils.update_bn``),
+    averaged over the processes."""
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the whole split
+    was = model.training
+    model.train()
+    for x, _ in batches(split, batch_size, runtime):
+        model(x)
+    for bn, m in zip(norms, momenta):
+        bn.momentum = m
+        if runtime.distributed:
+            for t in (bn.running_mean, bn.running_var):
+                runtime.all_sum(t).div_(runtime.world)
+    model.train(was)
+
+
+def recalibrate_norms(model: nn.Module, split: Split, runtime: Runtime | None, batch_size: int) -> None:
     """Re-estimate BatchNorm running statistics over the whole training split.
 
     In short schedules the running averages (momentum 0.1) trail the weights; an exact
     population estimate after training is worth up to a few points of accuracy here.
     """
-    from torch.optim.swa_utils import update_bn
+    norms = [m for m in model.modules() if isinstance(m, BN)]
+    if norms:
+        _estimate(model, norms, split, runtime or Runtime(), batch_size)
 
-    update_bn([normalise(x, mean, std) for x, _ in split.batches(batch_size)], model)
 
-
-@torch.no_grad()
-def recalibrate_task_norms(model: MultiTaskNet, splits: dict[str, Split], mean, std, batch_size: int) -> None:
-    """Each task's BatchNorm statistics re-estimated over its own train split (see
-    ``recalibrate_norms``), touching no other task's copies."""
+def recalibrate_task_norms(model: MultiTaskNet, splits: dict[str, Split], runtime: Runtime | None,
+                           batch_size: int) -> None:
+    """Each task's BatchNorm statistics re-estimated over its own train split, touching no other
+    task's copies."""
     for i, t in enumerate(model.tasks):
         model.use(t)
-        norms = [m.per_task[i] for _, m in model.switches(TaskNorms)
-                 if isinstance(m.per_task[i], torch.nn.modules.batchnorm._BatchNorm)]
-        momenta = [bn.momentum for bn in norms]
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the whole split
-        model.train()
-        for x, _ in splits[t].batches(batch_size):
-            model(normalise(x, mean, std))
-        for bn, m in zip(norms, momenta):
-            bn.momentum = m
+        norms = [m.per_task[i] for _, m in model.switches(TaskNorms) if isinstance(m.per_task[i], BN)]
+        _estimate(model, norms, splits[t], runtime or Runtime(), batch_size)
     model.eval()

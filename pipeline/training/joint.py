@@ -14,6 +14,11 @@ size of the layers it gates, with their gradients and momentum).
 Parameter groups of another phase (AdaShare's policy) train in their own pass of each epoch
 on the other half of every task's train split, with their own optimiser. A method with
 several variants gets each trained from scratch; the best mean validation is kept.
+
+Under torchrun every process takes every N-th sample of each task's order (batch size / N)
+and the gradients are averaged once per step, after all K tasks' backward passes (one
+coalesced all-reduce; ``DistributedDataParallel`` would reduce after each of the K backward
+passes, and each forward touches only its task's norms and head).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.core.backbones import Backbone
-from pipeline.data import Split, TaskData, normalise
+from pipeline.data import BadImages, Split, TaskData
 from pipeline.methods.base import JointMethod
 from pipeline.methods.context import JointContext, Schedule
 from pipeline.methods.layers import NORM_TYPES
@@ -37,6 +42,8 @@ from pipeline.methods.multitask import MultiTaskNet
 from pipeline.training import optim
 from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError
 from pipeline.training.evaluate import evaluate, recalibrate_task_norms
+from pipeline.training.incremental import global_batch
+from pipeline.training.runtime import Runtime
 
 
 @dataclass
@@ -69,17 +76,19 @@ class JointOutcome:
 
 def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule,
                 seed: int, workdir: Path | None = None, signature: str = "", progress: bool = True,
-                stop_after_epoch: int | None = None) -> JointOutcome:
+                stop_after_epoch: int | None = None, runtime: Runtime | None = None,
+                image_size: int | None = None) -> JointOutcome:
     """Train ``method`` on all ``tasks``; with several variants, keep the best mean validation."""
     workdir = Path(workdir) if workdir is not None else None
     t0 = time.perf_counter()
-    method.setup(joint_context(backbone, tasks, schedule, seed, workdir, signature, progress))
+    method.setup(joint_context(backbone, tasks, schedule, seed, workdir, signature, progress, runtime, image_size))
     best, seen = None, []
     n = method.variants()
     for i in range(n):
         ckpt = workdir / "scratch" / f"candidate{i}" / "checkpoint.pt" if workdir is not None else None
         out = run_joint(backbone, tasks, method, schedule, seed, ckpt, f"{signature}/candidate{i}", progress,
-                        stop_after_epoch, desc=f"{method.name}" + (f" #{i}" if n > 1 else ""), variant=i)
+                        stop_after_epoch, desc=f"{method.name}" + (f" #{i}" if n > 1 else ""), variant=i,
+                        runtime=runtime)
         seen.append({"candidate": i, "mean_val_acc": out.mean_val, "train_seconds": round(out.record.seconds, 2)})
         if best is None or out.mean_val > best.mean_val:
             best = out
@@ -89,12 +98,14 @@ def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMet
 
 
 def joint_context(backbone: Backbone, tasks: dict[str, TaskData], schedule: Schedule, seed: int,
-                  workdir: Path | None = None, signature: str = "", progress: bool = False) -> JointContext:
+                  workdir: Path | None = None, signature: str = "", progress: bool = False,
+                  runtime: Runtime | None = None, image_size: int | None = None) -> JointContext:
     """The context a joint method is set up with; its ``fit`` is this trainer's ``run_joint``."""
     def fit(m: JointMethod, sched: Schedule, ckpt: Path | None, sig: str, desc: str) -> JointOutcome:
-        return run_joint(backbone, tasks, m, sched, seed, ckpt, sig, progress, desc=desc)
+        return run_joint(backbone, tasks, m, sched, seed, ckpt, sig, progress, desc=desc, runtime=runtime)
 
-    image_size = next(iter(tasks.values())).train.images.shape[-1]
+    if image_size is None:  # the inputs' size, read off one image
+        image_size = int(next(iter(tasks.values())).val.dataset[0][0].shape[-1])
     return JointContext(backbone, tasks, image_size, schedule, seed, workdir, signature, progress, fit)
 
 
@@ -111,23 +122,21 @@ def build_model(backbone: Backbone, tasks: dict[str, TaskData], method: JointMet
 
 def _halves(split: Split) -> tuple[Split, Split]:
     """Every other image: the weights' half and the policy's half, same label mix."""
-    return (Split(split.images[0::2], split.labels[0::2]), Split(split.images[1::2], split.labels[1::2]))
-
-
-def _cycle(split: Split, batch_size: int, gen: torch.Generator):
-    while True:
-        yield from split.batches(batch_size, gen)
+    n = len(split)
+    return split.subset(range(0, n, 2)), split.subset(range(1, n, 2))
 
 
 class JointTrainer:
     """One joint model, its optimisers (one per phase and kind) and its step."""
 
     def __init__(self, backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule,
-                 seed: int, progress: bool = True, desc: str = "joint", variant: int = 0):
+                 seed: int, progress: bool = True, desc: str = "joint", variant: int = 0,
+                 runtime: Runtime | None = None):
         self.backbone, self.tasks, self.method, self.schedule, self.seed = backbone, tasks, method, schedule, seed
         self.progress, self.desc = progress, desc
+        self.runtime = rt = runtime or Runtime()
         torch.manual_seed(seed)
-        self.model = build_model(backbone, tasks, method, seed, variant)
+        self.model = build_model(backbone, tasks, method, seed, variant).to(rt.device)
         groups = method.param_groups(self.model)
         phases = {optim.resolve(method, schedule)[g].phase for g, ps in groups.items() if ps}
         self.splits = {"weights": {t: d.train for t, d in tasks.items()}}
@@ -138,43 +147,58 @@ class JointTrainer:
         self.steps_per_epoch = {ph: math.ceil(max(len(s) for s in sp.values()) / schedule.batch_size)
                                 for ph, sp in self.splits.items()}
         self.optimisers = optim.build(method, self.model, schedule, self.steps_per_epoch["weights"])
+        self.scaler = rt.scaler()
+        self.bad = BadImages(rt.on_bad_image)
+
+    def stateful(self) -> dict:
+        return {"model": self.model} | self.optimisers.stateful() | ({"scaler": self.scaler} if self.scaler else {})
 
     def step(self, batches: dict[str, tuple[torch.Tensor, torch.Tensor]], epoch: int, phase: str) -> float:
-        """One optimiser step of ``phase`` over one uint8 batch of every task; returns the loss."""
-        model, method = self.model, self.method
+        """One optimiser step of ``phase`` over one batch of every task; returns the loss."""
+        model, method, rt = self.model, self.method, self.runtime
         self.optimisers.zero_grad(phase)
         step_loss = 0.0
         for t, (x, y) in batches.items():
-            logits = model.use(t)(normalise(x, self.backbone.mean, self.backbone.std)
-                                  .contiguous(memory_format=MEMORY_FORMAT))
-            loss = method.task_weight(t) * F.cross_entropy(logits, y)
+            x = x.to(rt.device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
+            y = y.to(rt.device, non_blocking=True)
+            with rt.autocast():
+                loss = method.task_weight(t) * F.cross_entropy(model.use(t)(x), y)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{method.name}/{t}: loss is {loss.item()} at epoch {epoch + 1} ({phase} phase, "
                                     f"lr {self.optimisers.lr():.3g}); lower the lr")
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             step_loss += loss.item()
-        reg = method.regulariser(model, epoch)
+        with rt.autocast():
+            reg = method.regulariser(model, epoch)
         if reg is not None and reg.requires_grad:
             if not torch.isfinite(reg):
                 raise TrainingError(f"{method.name}: regulariser is {reg.item()} at epoch {epoch + 1}")
-            reg.backward()
+            (self.scaler.scale(reg) if self.scaler is not None else reg).backward()
             step_loss += reg.item()
-        self.optimisers.step(phase)
+        rt.average_gradients(self.optimisers.params[phase])
+        self.optimisers.step(phase, self.scaler)
         return step_loss
+
+    def _streams(self, epoch: int, phase: str) -> dict:
+        """Each task's batches for a phase: its own seeded order, cycled (smaller tasks repeat)."""
+        rt = self.runtime
+        offset = 50 if phase == "policy" else 0  # each task and phase its own stream
+        return {t: iter(s.loader(global_batch(self.schedule, rt), seed=self.seed * 7919 + epoch * 101 + i + offset,
+                                 rank=rt.rank, world=rt.world, cycles=None))
+                for i, (t, s) in enumerate(self.splits[phase].items())}
 
     def phase(self, epoch: int, phase: str, record: LoopRecord) -> float:
         """One pass of a phase; returns its mean loss."""
         self.method.train_mode(self.model)
-        splits = self.splits[phase]
-        offset = 50 if phase == "policy" else 0  # each task and phase its own stream
-        iters = {t: _cycle(s, self.schedule.batch_size,
-                           torch.Generator().manual_seed(self.seed * 7919 + epoch * 101 + i + offset))
-                 for i, (t, s) in enumerate(splits.items())}
+        streams = self._streams(epoch, phase)
         steps = self.steps_per_epoch[phase]
         total = 0.0
-        for _ in tqdm(range(steps), disable=not self.progress, leave=False,
+        for _ in tqdm(range(steps), disable=not self.progress or not self.runtime.main, leave=False,
                       desc=f"{self.desc} {phase} epoch {epoch + 1}/{self.schedule.epochs}"):
-            batches = {t: next(iters[t]) for t in splits}
+            batches = {}
+            for t, stream in streams.items():
+                b = self.bad.check(next(stream), self.splits[phase][t].dataset.where)
+                batches[t] = (b.x, b.y)
             total += record.timed(lambda: self.step(batches, epoch, phase))
         return round(total / max(1, steps), 5)
 
@@ -186,29 +210,27 @@ class JointTrainer:
             losses[phase] = self.phase(epoch, phase, record)
         self.optimisers.set_phase(None)
         rec = {"epoch": epoch + 1, "train_loss": losses, **self.validate()}
-        if self.progress:
+        if self.progress and self.runtime.main:
             tqdm.write(f"  {self.desc} epoch {epoch + 1}: loss {losses}, mean val acc {rec['mean_val_acc']:.4f}")
         return rec
 
     def validate(self) -> dict:
-        val = {t: evaluate(self.model.use(t), d.val, self.backbone.mean, self.backbone.std)
-               for t, d in self.tasks.items()}
+        val = {t: evaluate(self.model.use(t), d.val, self.runtime) for t, d in self.tasks.items()}
         return {"val_acc": val, "mean_val_acc": mean(val.values())}
 
 
 def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule, seed: int,
               ckpt: Path | None = None, signature: str = "", progress: bool = True,
-              stop_after_epoch: int | None = None, desc: str = "joint", variant: int = 0) -> JointOutcome:
+              stop_after_epoch: int | None = None, desc: str = "joint", variant: int = 0,
+              runtime: Runtime | None = None) -> JointOutcome:
     """One joint training of one model (``train_joint`` runs one per variant)."""
-    trainer = JointTrainer(backbone, tasks, method, schedule, seed, progress, desc, variant)
-    model = trainer.model
-    loop = Loop(schedule.epochs, seed, {"model": model} | trainer.optimisers.stateful(), ckpt, signature,
-                stop_after_epoch)
+    trainer = JointTrainer(backbone, tasks, method, schedule, seed, progress, desc, variant, runtime)
+    model, rt = trainer.model, trainer.runtime
+    loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt)
     record = loop.run(lambda epoch: trainer.epoch(epoch, loop.record))
     if loop.finished and schedule.recalibrate_norms and method.task_norms:
         t0 = time.perf_counter()
-        recalibrate_task_norms(model, {t: d.train for t, d in tasks.items()}, backbone.mean, backbone.std,
-                               schedule.batch_size)
+        recalibrate_task_norms(model, {t: d.train_eval for t, d in tasks.items()}, rt, schedule.batch_size)
         record.history[-1].update(trainer.validate())  # what variants are compared on
         record.seconds += time.perf_counter() - t0
     model.to(memory_format=torch.contiguous_format).eval()

@@ -27,9 +27,15 @@ class Optimisers:
         for opt in self.by_phase[phase]:
             opt.zero_grad(set_to_none=True)
 
-    def step(self, phase: str) -> None:
+    def step(self, phase: str, scaler=None) -> None:
+        """Step every optimiser of ``phase`` (through the fp16 ``scaler`` when there is one)."""
         for opt in self.by_phase[phase]:
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()
         if phase == "weights":
             for sched in self.schedulers:
                 sched.step()

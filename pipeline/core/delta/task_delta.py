@@ -57,6 +57,12 @@ class TaskDelta:
                 entry.link({name: others[name].entries.get(path) for name in refs})
         return self
 
+    def to(self, device) -> "TaskDelta":
+        """A copy with every tensor on ``device`` (links to other deltas are not copied: relink)."""
+        entries = {path: type(d).from_tensors({k: v.detach().to(device) for k, v in d.tensors().items()}, d.attrs())
+                   for path, d in self.entries.items()}
+        return TaskDelta(self.task, self.method, entries, self.gate_bits)
+
     def flat_tensors(self) -> dict[str, torch.Tensor]:
         """``{path}::{kind}::{name}`` -> contiguous tensor, the safetensors payload."""
         return {

@@ -1,0 +1,24 @@
+"""The images a task's exports are checked on: a few calibration images (INT8) and the test
+split, streamed batch by batch (a real test split does not fit in memory at 224 px)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+
+@dataclass
+class TaskImages:
+    calibration: np.ndarray  # (N, 3, S, S) float32, normalised: a few train images
+    batches: Callable[[], Iterable[np.ndarray]]  # the test images, normalised float32 batches; re-iterable
+    labels: np.ndarray  # the test labels, in the batches' order
+
+    @classmethod
+    def from_arrays(cls, calibration: np.ndarray, test: np.ndarray, labels: np.ndarray, batch: int = 256) -> "TaskImages":
+        return cls(calibration, lambda: (test[i : i + batch] for i in range(0, len(test), batch)), labels)
+
+
+def logits(fn: Callable, batches: Iterable[np.ndarray]) -> np.ndarray:
+    """A session's (``runner``'s) outputs over every batch, concatenated."""
+    return np.concatenate([fn(np.ascontiguousarray(x, dtype=np.float32))[0] for x in batches])
