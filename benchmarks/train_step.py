@@ -5,6 +5,7 @@ trainer's own (``TaskTrainer.step``, with the method's optimiser groups); the st
 methods are interleaved in rounds so machine drift hits them alike.
 
     .venv/bin/python benchmarks/train_step.py [--image-size 64] [--batch 64] [--steps 10]
+        [--device cpu|cuda] [--precision fp32|bf16|fp16] [--backbone torchvision:resnet50 --weights none]
 """
 from __future__ import annotations
 
@@ -21,17 +22,26 @@ from pipeline.data import load_task
 from pipeline.methods import build_method
 from pipeline.methods.context import Schedule
 from pipeline.training.incremental import TaskTrainer
+from pipeline.training.runtime import Runtime, resolve_device
 
 
-def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor, digits, schedule: Schedule):
-    """The trainer's own step (``TaskTrainer.step``: normalise, forward, loss and regulariser,
-    backward, the method's optimiser groups) in the last epoch's stage (CWPS: the hard mask)."""
+def make_step(bb, method_name: str, x: torch.Tensor, y: torch.Tensor, digits, schedule: Schedule, runtime: Runtime):
+    """The trainer's own step (``TaskTrainer.step``: forward and loss under the run's autocast,
+    regulariser, backward, the method's optimiser groups) in the last epoch's stage (CWPS: the
+    hard mask), on the device."""
     method = build_method(method_name)
-    trainer = TaskTrainer(bb, digits, method, schedule, seed=0, progress=False)  # CWPS's search runs here, untimed
+    trainer = TaskTrainer(bb, digits, method, schedule, seed=0, progress=False, runtime=runtime)  # CWPS searches here
     epoch = schedule.epochs - 1
     method.start_epoch(trainer.model, epoch)
     method.train_mode(trainer.model)
-    return lambda: trainer.step(x, y, epoch)
+    x, y = x.to(runtime.device), y.to(runtime.device)
+
+    def step():
+        trainer.step(x, y, epoch)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
 
 
 def main() -> None:
@@ -43,18 +53,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default="finetune,taps,ftn,cwps,norm_head,linear_probe")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    runtime = Runtime(resolve_device(args.device), args.precision)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bb = build_backbone(args.backbone, args.weights)
-    x = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch,))
     names = args.methods.split(",")
     digits = load_task(TaskConfig(name="digits", source={"type": "digits"}, train_size=128, val_size=32, test_size=32),
                        args.image_size, 0)
     schedule = Schedule(epochs=4, batch_size=args.batch, lr=1e-3, head_lr_scale=10)
-    steps = {n: make_step(bb, n, x, y, digits, schedule) for n in names}
+    steps = {n: make_step(bb, n, x, y, digits, schedule, runtime) for n in names}
     for s in steps.values():  # warm-up
         s(), s()
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -67,14 +80,16 @@ def main() -> None:
                 times[n].append(time.perf_counter() - t0)
     ref = float(np.median(times["finetune"])) if "finetune" in times else None
     out = {"backbone": args.backbone, "image_size": args.image_size, "batch": args.batch, "threads": args.threads,
-           "methods": {}}
-    print(f"{args.backbone} {args.image_size}px, batch {args.batch}, {args.threads} threads")
-    print(f"{'method':14s} {'median ms/step':>15s} {'p90':>8s} {'x finetune':>11s}")
+           "device": str(runtime.device), "precision": args.precision, "methods": {}}
+    print(f"{args.backbone} {args.image_size}px, batch {args.batch}, {args.threads} threads, {runtime.device}, "
+          f"{args.precision}")
+    print(f"{'method':14s} {'median ms/step':>15s} {'p90':>8s} {'images/s':>9s} {'x finetune':>11s}")
     for n, t in times.items():
         med, p90 = float(np.median(t)) * 1e3, float(np.percentile(t, 90)) * 1e3
         ratio = med / (ref * 1e3) if ref else None
-        out["methods"][n] = {"median_ms": med, "p90_ms": p90, "ratio_to_finetune": ratio}
-        print(f"{n:14s} {med:15.1f} {p90:8.1f} {ratio if ratio else float('nan'):11.3f}")
+        ips = args.batch / (med / 1e3)
+        out["methods"][n] = {"median_ms": med, "p90_ms": p90, "images_per_s": ips, "ratio_to_finetune": ratio}
+        print(f"{n:14s} {med:15.1f} {p90:8.1f} {ips:9.0f} {ratio if ratio else float('nan'):11.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -33,7 +33,7 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     with atomic_dir(exports / SHARED) as tmp:
         writer = SharedWriter(tmp, base)
         ctx = BuildContext(exports, writer, exporter, Loader(exports, threads, shared_dir=tmp), images,
-                           dict(options or {}), log)
+                           dict(options or {}), log, forms=FORMS)
         manifest["base_data"] = {"file": f"{SHARED}/{BASE_DATA}", "bytes": writer.base_bytes}
         for label, bundle in bundles.items():
             ctx.bundle_base(bundle)
@@ -56,7 +56,7 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
 def _build_one(ctx: BuildContext, name: str, label: str, bundle, built: dict) -> dict:
     form = FORMS[name](ctx.options.get(name))
     missing = [r for r in form.requires if r not in built or "unavailable" in built[r]]
-    reason = f"needs the {', '.join(missing)} form" if missing else form.applies(bundle)
+    reason = form.applies(bundle) or (f"needs the {', '.join(missing)} form" if missing else None)
     if reason:
         return {"unavailable": reason}
     return form.build(ctx, label, bundle)

@@ -13,13 +13,28 @@ from pipeline.stages.runner import STAGES
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.stages.jobs import Selection
     from pipeline.stages.runner import Runner
+    from pipeline.training.runtime import world_from_env
 
+    if args.dry_run:
+        from pipeline.stages.plan import MISSING_DATA, plan
+
+        cfg = load_config(args.config, check_paths=False)
+        p = plan(cfg, world_from_env()[1])
+        print(f"taskfold run {args.config} --dry-run: the config is valid")
+        print("\n".join(p.lines))
+        return MISSING_DATA if p.missing else 0
     cfg = load_config(args.config)
+    selection = Selection.parse(args.shard, args.units)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    print(f"taskfold run {args.config} -> {out}")
-    Runner(cfg, out, progress=not args.no_progress).run(until=args.until, force=tuple(args.force))
-    if args.until == "report":
+    rank = world_from_env()[0]
+    if rank == 0:
+        print(f"taskfold run {args.config} -> {out}")
+    until = args.stage or args.until
+    runner = Runner(cfg, out, progress=not args.no_progress and rank == 0, selection=selection)
+    runner.run(until=until, force=tuple(args.force))
+    if until == "report" and rank == 0 and not runner.ctx.pending:
         print(f"done: {out / 'report.md'}, {out / 'results.json'}")
     return 0
 
@@ -72,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--until", default="report", choices=STAGES, help="stop after this stage")
     r.add_argument("--force", action="append", default=[], choices=STAGES, help="rerun this stage even if up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    r.add_argument("--stage", choices=STAGES, help="run up to this stage (same as --until)")
+    r.add_argument("--shard", metavar="I/N", help="train only every N-th unit from the I-th (0-based): one of N jobs "
+                                                  "sharing the run directory; stops after the train stage")
+    r.add_argument("--units", metavar="PATTERN", action="append",
+                   help="train only units whose key matches (fnmatch on label/task, label/joint); repeatable")
+    r.add_argument("--dry-run", action="store_true", help="validate the config and print the plan: units, images, "
+                   "steps, peak memory; no data is read beyond listing it, nothing is written. Exit 3 if data is absent")
     r.set_defaults(fn=_run)
     i = sub.add_parser("inspect", help="print the storage table of a bundle")
     i.add_argument("bundle", help="bundle directory (runs/<name>/bundles/<method>)")

@@ -46,6 +46,7 @@ class BuildContext:
     specs: dict[str, dict[str, dict]] = field(default_factory=dict)  # label -> form -> spec built so far
     graphs: dict[tuple[str, str], dict[str, onnx.ModelProto]] = field(default_factory=dict)  # (label, form) -> graphs
     checks: dict[str, dict] = field(default_factory=dict)  # checks a form makes while building (branch vs torch)
+    forms: dict[str, type] = field(default_factory=dict)  # the registry, for forms checked against another form
     _bases: dict[str, onnx.ModelProto] = field(default_factory=dict)
     _logits: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
@@ -116,10 +117,8 @@ class Form:
 
     def check(self, ctx: BuildContext, label: str, spec: dict) -> dict[str, dict]:
         """Every task's outputs against the reference form's on its test split."""
-        from exporters.forms import FORMS
-
         got = self.targets(ctx.loader, spec)
-        ref = None if self.reference == "merged" else FORMS[self.reference]().targets(
+        ref = None if self.reference == "merged" else ctx.forms[self.reference]().targets(
             ctx.loader, ctx.specs[label][self.reference])
         out = {}
         for task, fn in got.items():

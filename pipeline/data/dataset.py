@@ -153,10 +153,11 @@ class BadImages:
 class Split:
     """One split of a task: its dataset, and loaders over it."""
 
-    def __init__(self, dataset: TaskDataset, workers: int = 0, pin_memory: bool = False):
+    def __init__(self, dataset: TaskDataset, workers: int = 0, pin_memory: bool = False, on_bad_image: str = "error"):
         self.dataset = dataset
         self.workers = workers
         self.pin_memory = pin_memory
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -166,7 +167,7 @@ class Split:
         return torch.tensor(self.dataset.labels, dtype=torch.int64)
 
     def subset(self, positions: Sequence[int]) -> "Split":
-        return Split(self.dataset.subset(positions), self.workers, self.pin_memory)
+        return Split(self.dataset.subset(positions), self.workers, self.pin_memory, self.on_bad_image)
 
     def loader(self, batch_size: int, seed: int | None = None, rank: int = 0, world: int = 1,
                cycles: int | None = 1, pad: bool = True) -> DataLoader:
@@ -181,7 +182,7 @@ class Split:
                 where: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, y)`` in order, at most ``limit`` images (bad ones handled by ``policy``)."""
         seen = 0
-        policy = policy or BadImages("error")
+        policy = policy or BadImages(self.on_bad_image)
         for batch in self.loader(batch_size):
             policy.check(batch, where or self.dataset.where)
             x, y = batch.x, batch.y
@@ -223,7 +224,8 @@ class TaskData:
     def shifted(self, name: str, domain: str) -> "TaskData":
         """The same images and labels in another domain (a DomainNet-style sibling task)."""
         def shift(s: Split) -> Split:
-            return Split(s.dataset.with_transform(s.dataset.transform.with_domain(domain)), s.workers, s.pin_memory)
+            return Split(s.dataset.with_transform(s.dataset.transform.with_domain(domain)), s.workers, s.pin_memory,
+                         s.on_bad_image)
 
         return TaskData(name, self.num_classes, shift(self.train), shift(self.val), shift(self.test), self.classes,
                         shift(self.train_eval))

@@ -84,7 +84,7 @@ def shift_seed(task: TaskConfig, seed: int) -> int:
 
 
 def task_data(task: TaskConfig, index: TaskIndex, pools: Pools, pre: Preprocess, seed: int, augment: str = "none",
-              workers: int = 0, pin_memory: bool = False) -> TaskData:
+              workers: int = 0, pin_memory: bool = False, on_bad_image: str = "error") -> TaskData:
     """The task's splits over its index: train with ``augment``, the others with the evaluation
     transform; each split its own range of domain-shift seeds."""
     crop = task.crop_pct if task.crop_pct is not None else pools.crop_pct
@@ -95,7 +95,7 @@ def task_data(task: TaskConfig, index: TaskIndex, pools: Pools, pre: Preprocess,
         s = index.splits[name]
         ds = TaskDataset(s["items"], s["labels"], pools.reader, transform, base + offset,
                          f"task {task.name!r}, split {name!r}")
-        return Split(ds, workers, pin_memory)
+        return Split(ds, workers, pin_memory, on_bad_image)
 
     train = split("train", ToInput(pre, True, augment, crop, task.domain), 0)
     return TaskData(task.name, index.num_classes, train, split("val", evaluate, 10**6), split("test", evaluate, 2 * 10**6),

@@ -7,7 +7,9 @@ import copy
 import dataclasses
 from typing import Callable
 
+import contextlib
 import os
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +20,8 @@ from pipeline.core.io import read_json
 from pipeline.data import Pools, Preprocess, TaskData, TaskIndex, task_data
 from pipeline.data.tasks import open_task_source
 from pipeline.methods import REGISTRY
+from pipeline.stages import jobs
+from pipeline.stages.jobs import Selection
 from pipeline.stages.rundir import RunDir
 from pipeline.training.runtime import Runtime, init_distributed, resolve_device, world_from_env
 
@@ -35,6 +39,26 @@ class StageContext:
         self._pools: dict[str, Pools] = {}  # source (as JSON) -> its pools
         self._joint_bases: dict[str, Backbone] = {}
         self._runtime: Runtime | None = None
+        self.selection = Selection()  # the units this job trains (--shard, --units)
+        self.pending: list[str] = []  # units the train stage left to other jobs
+
+    @contextmanager
+    def claim(self, unit):
+        """This job's hold on a unit's lock (rank 0 claims; every rank of a torchrun follows)."""
+        rt = self.runtime
+        if not rt.distributed:
+            with jobs.claim(unit, self.log) as mine:
+                yield mine
+            return
+        import torch.distributed as dist
+
+        with contextlib.ExitStack() as stack:
+            decision = [stack.enter_context(jobs.claim(unit, self.log)) if rt.main else None]
+            dist.broadcast_object_list(decision, src=0)
+            yield bool(decision[0])
+
+    def lock_holder(self, unit) -> str:
+        return jobs.describe(unit / ".lock")
 
     @property
     def runtime(self) -> Runtime:
@@ -90,7 +114,8 @@ class StageContext:
             pools = self.pools(task)
             rt = self.runtime
             self._data[task] = task_data(cfg, self.index(task), pools, self.preprocess, self.cfg.run.seed,
-                                         self.cfg.train.augment, self.workers(pools), rt.device.type == "cuda")
+                                         self.cfg.train.augment, self.workers(pools), rt.device.type == "cuda",
+                                         self.cfg.data.on_bad_image)
         return self._data[task]
 
     def images(self, task: str, split: str = "test", limit: int | None = None) -> torch.Tensor:

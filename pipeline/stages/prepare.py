@@ -55,6 +55,8 @@ def check_headers(pools, task: str, policy: str) -> dict[str, str]:
     """Read every file's image header; the files that are not images (path -> error)."""
     from PIL import Image
 
+    pool_of = {item: name for name, pool in (("train", pools.train), ("val", pools.val), ("test", pools.test))
+               if pool for item in pool[0]}
     bad = {}
     for item in pools.files:
         path = pools.reader.root / item
@@ -63,8 +65,9 @@ def check_headers(pools, task: str, policy: str) -> dict[str, str]:
                 img.size  # noqa: B018  (the header is parsed on open; the size proves it)
         except Exception as err:  # noqa: BLE001  (PIL raises several types for non-images)
             if policy == "error":
-                raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err}); task {task!r}. Fix or "
-                                f"remove the file, or set data.on_bad_image: skip") from None
+                raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err}); task {task!r}, "
+                                f"{pool_of.get(item, 'train')} split. Fix or remove the file, or set "
+                                "data.on_bad_image: skip") from None
             bad[item] = f"{type(err).__name__}: {err}"
     return bad
 

@@ -3,7 +3,7 @@
 ::
 
     config.resolved.json
-    prepared/<task>.safetensors           uint8 images + labels per split
+    prepared/<task>.json                  the task's index: items (paths or source positions), labels, classes
     train/<label>/<task>/{checkpoint.pt, delta.safetensors, result.json}
     train/<label>/<task>/pass<p>/...        pool methods that pass over the tasks more than once
     train/<label>/@joint/{shared.safetensors, result.json}  joint methods: the shared weights
@@ -37,7 +37,7 @@ class RunDir:
         return self.root / "config.resolved.json"
 
     def prepared(self, task: str) -> Path:
-        return self.root / "prepared" / f"{task}.safetensors"
+        return self.root / "prepared" / f"{task}.json"
 
     def entry(self, label: str) -> Path:
         return self.root / "train" / label

@@ -51,13 +51,14 @@ class TrainStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         units: dict[str, str] = {}
         joint_hashes: dict[str, str] = {}  # joint entry label -> its unit's hash
-        for entry in ctx.cfg.methods:
+        ctx.pending = []
+        for position, entry in enumerate(ctx.cfg.methods):
             if REGISTRY[entry.name].trainer == "joint":
-                units |= train_joint_entry(ctx, entry, joint_hashes)
+                units |= train_joint_entry(ctx, entry, joint_hashes, position)
             else:
-                units |= train_task_entry(ctx, entry, joint_hashes)
+                units |= train_task_entry(ctx, entry, joint_hashes, position)
         ctx.hashes["train"] = digest(units)
-        return {"units": units}
+        return {"units": units, "pending": list(ctx.pending)}
 
 
 def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
@@ -90,26 +91,68 @@ def units_of(ctx: StageContext, entry: MethodEntry):
             yield p, t.name, ctx.run.unit(entry.label, t.name, p if n > 1 else None), version_id(t.name, p)
 
 
-def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> dict[str, str]:
+def done(unit, h: str) -> bool:
+    res = unit / "result.json"
+    return res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file()
+
+
+def waits_for(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str | None:
+    """What an entry's units need that is not there yet: the joint unit its ``base`` names."""
+    if entry.base and not done_joint(ctx, entry.base, joint_hashes.get(entry.base, "")):
+        return f"{entry.base}/joint (its base)"
+    return None
+
+
+def done_joint(ctx: StageContext, label: str, h: str) -> bool:
+    res = ctx.run.joint_unit(label) / "result.json"
+    return res.is_file() and read_json(res).get("hash") == h and ctx.run.shared_weights(label).is_file()
+
+
+def attempt(ctx: StageContext, key: str, position: int, unit, wait: str | None, train) -> bool:
+    """Train a unit that is not up to date if this job's selection has it, nothing it needs is
+    missing and no live job holds its lock; else say why it is left. True if it trained."""
+    if not ctx.selection.wants(position, key):
+        ctx.log(f"train {key}: left to another job (not in this job's --shard/--units)")
+    elif wait:
+        ctx.log(f"train {key}: waits for {wait}; left for a later job")
+    else:
+        with ctx.claim(unit) as mine:
+            if mine:
+                train()
+                return True
+            ctx.log(f"train {key}: being trained by another job ({ctx.lock_holder(unit)}); left to it")
+    ctx.pending.append(key)
+    return False
+
+
+def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str],
+                     position: int = 0) -> dict[str, str]:
     """Train every task of one entry, pass after pass; a pool method's unit sees the versions
-    trained before it and borrows from the one each task keeps (best validation)."""
+    trained before it and borrows from the one each task keeps (best validation). A pool
+    entry's units go to one job together (``position`` is the entry's), in order."""
     pool_method = REGISTRY[entry.name].trainer == "pool"
     n = passes(entry)
     ledger, units, chain = PoolLedger(), {}, []
-    for p, task, unit, _ in units_of(ctx, entry):
+    missing = None  # the first unit of a pool chain that is not there: the later ones wait for it
+    for i, (p, task, unit, _) in enumerate(units_of(ctx, entry)):
         h = unit_hash(ctx, entry, task, joint_hashes, chain if pool_method else [], p)
-        res = unit / "result.json"
+        key = f"{entry.label}/{task}" + (f"/pass{p}" if n > 1 else "")
         tag = f"{entry.label}/{task}" + (f" pass {p}/{n}" if n > 1 else "")
-        if res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file():
+        units[key] = h
+        chain.append(h)
+        if done(unit, h):
             ctx.log(f"train {tag}: up to date, skipped")
         else:
-            train_unit(ctx, entry, task, unit, h, tag, ledger.versions if pool_method else {},
-                       ledger.pool() if pool_method else [])
-        units[f"{entry.label}/{task}" + (f"/pass{p}" if n > 1 else "")] = h
-        chain.append(h)
+            wait = waits_for(ctx, entry, joint_hashes) or (missing if pool_method else None)
+            trained = attempt(ctx, key, position if pool_method else position * 10_000 + i, unit, wait,
+                              lambda: train_unit(ctx, entry, task, unit, h, tag, ledger.versions if pool_method else {},
+                                                 ledger.pool() if pool_method else []))
+            if not trained:
+                missing = missing or key
+                continue
         if pool_method or n > 1:  # later units read this one's delta, or passes are compared
-            ledger.add(task, p, read_delta(unit / "delta.safetensors"), read_json(res))
-    if n > 1:
+            ledger.add(task, p, read_delta(unit / "delta.safetensors"), read_json(unit / "result.json"))
+    if n > 1 and not missing:
         for task, vid in ledger.final().items():
             best = read_json(ctx.run.unit(entry.label, task, version_pass(vid)) / "result.json")
             write_json(ctx.run.result_file(entry.label, task), best | {"kept": vid, "passes": ledger.history[task]})
@@ -158,19 +201,20 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
     ctx.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
 
 
-def train_joint_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> dict[str, str]:
+def train_joint_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str],
+                      position: int = 0) -> dict[str, str]:
     """One unit for all tasks."""
     names = [t.name for t in ctx.cfg.tasks]
     h = unit_hash(ctx, entry, names, joint_hashes)  # one unit for every task
+    joint_hashes[entry.label] = h
     unit = ctx.run.joint_unit(entry.label)
-    done = (unit / "result.json").is_file() and read_json(unit / "result.json").get("hash") == h and all(
-        ctx.run.delta_file(entry.label, t).is_file() for t in names)
-    if done:
+    key = f"{entry.label}/joint"
+    if done_joint(ctx, entry.label, h) and all(ctx.run.delta_file(entry.label, t).is_file() for t in names):
         ctx.log(f"train {entry.label} (joint, {len(names)} tasks): up to date, skipped")
     else:
-        train_joint_unit(ctx, entry, unit, h)
-    joint_hashes[entry.label] = h
-    return {f"{entry.label}/joint": h}
+        attempt(ctx, key, position * 10_000, unit, waits_for(ctx, entry, joint_hashes),
+                lambda: train_joint_unit(ctx, entry, unit, h))
+    return {key: h}
 
 
 def train_joint_unit(ctx: StageContext, entry: MethodEntry, unit, h: str) -> None:

@@ -87,7 +87,8 @@ class TaskTrainer:
         if rt.distributed:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
-                find_unused_parameters=True)  # a gated-off layer's delta gets no gradient
+                find_unused_parameters=False)  # every trainable parameter feeds each forward (a gated-off TAPS
+            # delta too: the straight-through gate is 0 forward and passes its gradient backward)
         self.steps_per_epoch = math.ceil(len(data.train) / schedule.batch_size)
         self.optimisers = optim.build(method, self.model, schedule, self.steps_per_epoch)
         self.scaler = rt.scaler()
