@@ -7,6 +7,7 @@ there, and renamed into place whole: its files point into each other.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,14 +19,47 @@ from exporters.forms import FORMS
 from exporters.forms.base import BuildContext
 from exporters.loader import Loader
 from exporters.onnx import OnnxExporter
+from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import atomic_dir, write_json
 
 
+class CheckFailed(TaskfoldError, RuntimeError):
+    """An exported file does not reproduce its reference within the run's checks."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a form must meet on the test split (the config's ``checks`` section)."""
+
+    max_abs_diff: float = 1e-2
+    min_argmax_agree: float = 0.99
+    max_accuracy_drop: float = 0.15
+
+    def verdict(self, check: dict, lossy: bool) -> str | None:
+        """None if ``check`` passes; else what failed (NaN never passes)."""
+        if not check["max_abs_diff"] < float("inf"):
+            return f"non-finite outputs (max |difference| {check['max_abs_diff']})"
+        if lossy:
+            drop = check["reference_accuracy"] - check["accuracy"]
+            if not drop <= self.max_accuracy_drop:
+                return (f"accuracy {check['reference_accuracy']:.4f} -> {check['accuracy']:.4f}, a drop beyond "
+                        f"checks.max_accuracy_drop {self.max_accuracy_drop:g}")
+            return None
+        if not check["max_abs_diff"] <= self.max_abs_diff:
+            return f"max |logit difference| {check['max_abs_diff']:.3g} > checks.onnx_max_abs_diff {self.max_abs_diff:g}"
+        if not check["argmax_agree"] >= self.min_argmax_agree:
+            return f"argmax agreement {check['argmax_agree']:.4f} < checks.min_argmax_agree {self.min_argmax_agree:g}"
+        return None
+
+
 def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles: dict, images: dict,
-                threads: int, options: dict[str, BaseModel] | None = None, log: Callable[[str], None] = print) -> dict:
+                threads: int, options: dict[str, BaseModel] | None = None, log: Callable[[str], None] = print,
+                thresholds: Thresholds = Thresholds()) -> dict:
     """``forms``: names from ``FORMS`` (merged is always built); ``bundles``: label -> Bundle whose
     merged models are already at ``<label>/<task>.onnx``; ``images[task]``: a ``TaskImages``.
-    Returns ``{"forms": ..., "checks": ...}``."""
+    Every form is checked against its reference: an exact form that fails its ``thresholds`` is an
+    error (a bug, nothing written), a lossy one (FP16, INT8) that loses too much is not shipped
+    (its files removed, the reason in ``forms.json``). Returns ``{"forms": ..., "checks": ...}``."""
     exports = Path(exports)
     wanted = ["merged"] + [f for f in FORMS if f in forms and f != "merged"]
     manifest: dict = {"methods": {}}
@@ -43,11 +77,26 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
             manifest["methods"][label] = specs
         manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items() if loc != BASE_DATA}
         checks = dict(ctx.checks)
+        for key, check in ctx.checks.items():  # the branch graphs against torch
+            if reason := thresholds.verdict(check, lossy=False):
+                raise CheckFailed(f"{key}: {reason}")
         for label, specs in manifest["methods"].items():
-            for name, spec in specs.items():
+            for name, spec in list(specs.items()):
                 if "unavailable" in spec:
                     continue
-                checks |= FORMS[name](ctx.options.get(name)).check(ctx, label, spec)
+                form = FORMS[name](ctx.options.get(name))
+                found = form.check(ctx, label, spec)
+                checks |= found
+                failed = {k: r for k, c in found.items() if (r := thresholds.verdict(c, form.lossy))}
+                if failed and not form.lossy:
+                    raise CheckFailed("; ".join(f"{k}: {r}" for k, r in failed.items()) + "; no form was written")
+                if failed:
+                    for f in spec["files"]:
+                        ctx.loader.path(f).unlink(missing_ok=True)
+                    specs[name] = {"unavailable": "failed its check: " + "; ".join(f"{k.split('/')[1]}: {r}"
+                                                                                  for k, r in failed.items())}
+                    log(f"  {label}/{name}: not shipped, {specs[name]['unavailable']}")
+                    continue
                 spec["bytes"] = sum(ctx.loader.path(f).stat().st_size for f in spec["files"])
     write_json(exports / "forms.json", manifest)
     return {"forms": manifest, "checks": checks}

@@ -40,14 +40,15 @@ def measure(targets: dict[str, object], image_size: int, batch_size: int, warmup
     for fn in fns.values():
         for _ in range(warmup):
             fn(x)
-    per_round = max(1, runs // rounds)
+    rounds = max(1, min(rounds, runs))
+    per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]  # exactly ``runs`` each
     times: dict[str, list[float]] = {k: [] for k in fns}
     rng = np.random.default_rng(0)
-    for _ in range(rounds):
+    for n in per_round:
         for k in rng.permutation(list(fns)):
             fn = fns[k]
             fn(x)  # untimed: the first call after a switch pays for cold caches
-            for _ in range(per_round):
+            for _ in range(n):
                 t0 = time.perf_counter()
                 fn(x)
                 times[k].append((time.perf_counter() - t0) * 1e3)

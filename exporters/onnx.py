@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from pipeline.core.compare import compare_logits
+from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import atomic_path
 
 INPUT, OUTPUT = "images", "logits"
@@ -32,8 +33,8 @@ INPUT, OUTPUT = "images", "logits"
 EXPORT_FORMAT = 2
 
 
-class OnnxExportError(RuntimeError):
-    pass
+class OnnxExportError(TaskfoldError, RuntimeError):
+    """The torch model could not be exported (an op the exporter does not know); names the model."""
 
 
 def strip_debug(model: onnx.ModelProto) -> onnx.ModelProto:

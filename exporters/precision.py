@@ -3,7 +3,6 @@ calibrated on task images, with the recipe measured to keep accuracy on x86 CPUs
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +11,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from exporters.datafiles import FormError
-from pipeline.core.io import atomic_path
+from pipeline.core.io import atomic_path, temp_dir
 
 
 class Int8Recipe(BaseModel):
@@ -74,7 +73,7 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "im
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantiser logs a warning per BatchNorm-like tensor
     try:
-        with atomic_path(dst) as tmp, tempfile.TemporaryDirectory() as work:
+        with atomic_path(dst) as tmp, temp_dir(dst) as work:
             pre, out = Path(work) / "pre.onnx", Path(work) / "int8.onnx"
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             nodes = onnx.load(str(pre)).graph.node

@@ -28,6 +28,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     selection = Selection.parse(args.shard, args.units)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; a run directory is a folder")
     rank = world_from_env()[0]
     if rank == 0:
         print(f"taskfold run {args.config} -> {out}")
@@ -45,9 +47,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(Path(args.bundle))
     m = bundle.manifest
-    title = (f"bundle {args.bundle}: method {m['method']['label']} ({m['method']['name']}), "
-             f"backbone {m['backbone']['name']}, {len(bundle.tasks)} tasks, files verified (sha256)")
-    print(format_ledger(m["ledger"], title))
+    title = (f"bundle {args.bundle}: method {m['method'].get('label', m['method']['name'])} ({m['method']['name']}), "
+             f"backbone {m['backbone']['name']}, {len(bundle.tasks)} tasks; verified: every file listed and hashed "
+             "(sha256), every tensor parsed, finite and fitting the backbone, the ledger recomputed from the files")
+    print(format_ledger(bundle.ledger, title))
     return 0
 
 
@@ -60,6 +63,18 @@ def _bench(args: argparse.Namespace) -> int:
     from pipeline.report.deploy import forms_table
     from pipeline.stages.rundir import RunDir
 
+    from pipeline.data.config import safe_name
+
+    for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: must be >= {low}")
+    if args.batch_sizes and not all(1 <= b <= 4096 for b in args.batch_sizes):
+        raise ConfigError(f"--batch-sizes {args.batch_sizes}: each must be 1 to 4096")
+    if args.name is not None:
+        try:
+            safe_name(args.name, "measurement name")
+        except ValueError as err:
+            raise ConfigError(f"--name: {err}") from None
     run = RunDir(Path(args.run_dir))
     for f in (run.forms_file, run.config_file):
         if not f.is_file():
@@ -113,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except TaskfoldError as err:
         print(f"taskfold: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full or read-only disk, a folder that cannot be created: name the path
+        where = err.filename or "a file"
+        print(f"taskfold: error: cannot write or read {where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("taskfold: interrupted; run the same command again to continue", file=sys.stderr)

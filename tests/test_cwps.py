@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.core.bundle import BundleError, load_bundle, write_bundle
+from pipeline.core.bundle import BundleError, backbone_id, load_bundle, write_bundle
 from pipeline.config import parse_config
 from pipeline.core.delta import ChannelSelect, TaskDelta
 from pipeline.core.fold import compare, merge
@@ -109,7 +109,7 @@ def test_pointers_resolve_to_the_right_rows_after_a_bundle_round_trip(backbones,
     head = {"head": build_method("linear_probe").task_delta(bb.task_net(3), "x").entries["head"]}
     for d in (a, b):
         d.entries.update(head)
-    files = write_bundle(tmp_path / "bundle", bb, {"name": bb.name, "kwargs": bb.kwargs}, [a, b],
+    files = write_bundle(tmp_path / "bundle", bb, backbone_id(bb, "none", 16), [a, b],
                          {"name": "cwps"}, {"a": 3, "b": 3})
     bundle = load_bundle(tmp_path / "bundle")
     merged = bundle.merged("b").get_submodule(LAYER).weight
@@ -127,7 +127,7 @@ def test_pointers_resolve_to_the_right_rows_after_a_bundle_round_trip(backbones,
     assert "weight" in a.entries[LAYER].covers() and b.entries[LAYER].covers() == []
     # a bundle that would lose a pointed-to task is refused before anything is written
     with pytest.raises(BundleError, match="points to"):
-        write_bundle(tmp_path / "lone", bb, {"name": bb.name, "kwargs": bb.kwargs}, [b], {"name": "cwps"}, {"b": 3})
+        write_bundle(tmp_path / "lone", bb, backbone_id(bb, "none", 16), [b], {"name": "cwps"}, {"b": 3})
     assert not (tmp_path / "lone").exists()
 
 

@@ -15,7 +15,6 @@ for K tasks. Each is one module with:
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -30,6 +29,7 @@ from exporters.latency import runner
 from exporters.loader import Loader
 from exporters.onnx import OnnxExporter, base_model
 from pipeline.core.compare import compare_logits
+from pipeline.core.io import temp_dir
 
 
 @dataclass
@@ -71,7 +71,7 @@ class BuildContext:
             info = bundle.manifest["backbone"]
             classes = next(iter(bundle.manifest["tasks"].values()))["num_classes"]
             model = base_model(bundle.base.features, info["num_features"], classes)
-            with tempfile.TemporaryDirectory() as d:
+            with temp_dir(self.exports / "base.onnx") as d:
                 self._bases[sha] = onnx.load(str(self.exporter.export(model, Path(d) / "base.onnx")))
             added = self.writer.add_base(f"{EXTRA_BASES}/{sha[:16]}.data", self._bases[sha])
             if added:

@@ -5,11 +5,11 @@ the shared form (``<label>.branch.<task>.onnx``) and as the switch form. Only fo
 with such deltas."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import onnx
 
+from pipeline.core.io import temp_dir
 from exporters.forms.base import BuildContext, Form, shared_spec
 from exporters.forms.switch import Switch, switch_spec
 from exporters.onnx import parity
@@ -26,7 +26,7 @@ def branch_graphs(ctx: BuildContext, label: str, bundle) -> dict[str, onnx.Model
     """Each task exported with its low-rank deltas as side branches, checked against torch."""
     if (label, "branch") not in ctx.graphs:
         graphs, checks = {}, {}
-        with tempfile.TemporaryDirectory() as d:
+        with temp_dir(ctx.exports / label) as d:
             for t in bundle.tasks:
                 model = bundle.merged(t, branches=True)
                 path = ctx.exporter.export(model, Path(d) / f"{t}.onnx")

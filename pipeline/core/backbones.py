@@ -109,7 +109,10 @@ def build_backbone(name: str, weights: str = "none", kwargs: dict[str, Any] | No
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build(name, weights, dict(kwargs or {}))
+        try:
+            return _build(name, weights, dict(kwargs or {}))
+        except TypeError as err:  # a constructor option the model does not take
+            raise BackboneError(f"backbone.kwargs {kwargs}: {name} does not take them: {err}") from None
 
 
 def _build(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:

@@ -5,10 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # a name that becomes a path part: letters, digits, '_', '-', '.', not starting with '.'
-SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
+
+
+def safe_name(value: str, what: str) -> str:
+    """``value`` if it can be a folder or file name inside a run directory (no separators, no
+    ``.``/``..``, no leading dot), else a ValueError that says why."""
+    import re
+
+    if not isinstance(value, str) or not re.fullmatch(SAFE_NAME, value):
+        raise ValueError(f"{value!r} cannot be a {what}: it names a folder in the run directory, so it must be 1-100 "
+                         "letters, digits, '_', '-' or '.', not starting with '.' (no '/', no '..')")
+    return value
 
 
 class SourceConfig(BaseModel):
@@ -35,7 +46,7 @@ class SourceConfig(BaseModel):
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=SAFE_NAME)
+    name: str
     source: SourceConfig
     domain: Literal["none", "sketch", "negative", "texture", "lowres"] = "none"
     train_size: int | None = Field(None, ge=1)
@@ -44,6 +55,11 @@ class TaskConfig(BaseModel):
     # share of the resized image the centre crop keeps; None: the source's own choice (full-frame
     # glyph sets keep everything) or else the backbone's pretrained config (e.g. 0.875)
     crop_pct: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, name: str) -> str:
+        return safe_name(name, "task name")
 
 
 class DataOptions(BaseModel):

@@ -26,6 +26,7 @@ class Schedule:
     weight_decay: float = 0.0
     head_lr_scale: float = 1.0  # the new, randomly initialised head learns this much faster
     recalibrate_norms: bool = True
+    lr_source: str = "train.lr"  # the config field the lr comes from, for messages that say what to change
 
 
 @dataclass

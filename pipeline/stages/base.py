@@ -34,6 +34,22 @@ class Stage:
         """Do the work; return the record (``outputs``: run-relative paths it wrote, and figures)."""
         raise NotImplementedError
 
+    def fresh(self, ctx: StageContext, record: dict) -> str | None:
+        """None if the stage's outputs are still what it wrote; else what changed. Default: every
+        output exists with the size and modification time recorded."""
+        for rel in record.get("outputs", []):
+            p = ctx.run.root / rel
+            if not p.exists():
+                return f"{rel} is missing"
+            if (want := record.get("fingerprints", {}).get(rel)) is not None and fingerprint(p) != want:
+                return f"{rel} changed since it was written"
+        return None
+
+
+def fingerprint(path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
 
 def run_stage(stage: Stage, ctx: StageContext) -> dict:
     h = stage.inputs(ctx)
@@ -47,11 +63,15 @@ def run_stage(stage: Stage, ctx: StageContext) -> dict:
             ctx.log(f"{stage.name}: {reason}")
             out = {"hash": h, "outputs": []}
             ctx.run.write_record(stage.name, out)
-        elif rec and rec.get("hash") == h and all((ctx.run.root / o).exists() for o in rec.get("outputs", [])):
+        elif rec and rec.get("hash") == h and (changed := stage.fresh(ctx, rec)) is None:
             ctx.log(f"{stage.name}: up to date, skipped")
             out = rec
         else:
+            if rec and rec.get("hash") == h:
+                ctx.log(f"{stage.name}: {changed}; running it again")
             out = {"hash": h, "outputs": [], **stage.run(ctx)}
+            out["fingerprints"] = {rel: fingerprint(ctx.run.root / rel) for rel in out["outputs"]
+                                   if (ctx.run.root / rel).is_file()}
             ctx.run.write_record(stage.name, out)
     ctx.timings[stage.name] = round(time.perf_counter() - t0, 2)
     return out

@@ -19,6 +19,7 @@ class ExportStage(Stage):
         return None if ctx.cfg.export.onnx else "disabled in config"
 
     def run(self, ctx: StageContext) -> dict:
+        from exporters.build import CheckFailed
         from exporters.compute import count_flops
         from exporters.onnx import OnnxExporter, base_model, parity
         from exporters.runtime import session
@@ -38,6 +39,10 @@ class ExportStage(Stage):
                 flops[f"{label}/{task}"] = count_flops(merged, c.backbone.image_size)
                 exporter.export(merged, path)
                 check = parity(merged, session(path, c.run.threads), test_batches(ctx, task))
+                if reason := thresholds(ctx).verdict(check, lossy=False):
+                    path.unlink(missing_ok=True)
+                    raise CheckFailed(f"{run.rel(path)}: ONNX Runtime does not reproduce torch on the test images: "
+                                      f"{reason}; the file was removed")
                 results[f"{label}/{task}"] = check
                 outputs.append(run.rel(path))
                 ctx.log(f"export {run.rel(path)}: max |onnx - torch| {check['max_abs_diff']:.2e}, "
@@ -48,6 +53,13 @@ class ExportStage(Stage):
             outputs.append(run.rel(run.forms_file))
         ctx.log(f"export: {len(outputs)} ONNX files from {exporter.traces} trace(s)")
         return {"outputs": outputs, "parity": results, "flops": flops, "traces": exporter.traces, **forms}
+
+
+def thresholds(ctx: StageContext):
+    from exporters.build import Thresholds
+
+    c = ctx.cfg.checks
+    return Thresholds(c.onnx_max_abs_diff, c.min_argmax_agree, c.max_accuracy_drop)
 
 
 def test_batches(ctx: StageContext, task: str):
@@ -74,7 +86,7 @@ def export_forms(ctx: StageContext, exporter, bundles: dict) -> dict:
     ctx.log(f"export: deployment forms {', '.join(c.export.forms)}")
     images = {t.name: task_images(ctx, t.name) for t in c.tasks}
     built = build_forms(ctx.run.exports, exporter, c.export.forms, bundles, images, c.run.threads,
-                        c.export.form_options(), ctx.log)
+                        c.export.form_options(), ctx.log, thresholds(ctx))
     for key, check in built["checks"].items():
         acc = f", accuracy {check['reference_accuracy']:.4f} -> {check['accuracy']:.4f}" if "accuracy" in check else ""
         ctx.log(f"  {key}: max diff {check['max_abs_diff']:.2e}, argmax agreement {check['argmax_agree']:.4f}{acc}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pipeline.config import MethodEntry
 from pipeline.core.bundle import backbone_id, write_bundle
 from pipeline.core.delta import TaskDelta, read_delta
-from pipeline.core.io import read_json
+from pipeline.core.io import read_json, sha256_file
 from pipeline.core.versions import version_id
 from pipeline.methods import REGISTRY, build_method
 from pipeline.methods.base import PoolMethod
@@ -18,6 +18,18 @@ class FoldStage(Stage):
 
     def inputs(self, ctx: StageContext) -> str:
         return digest("fold", ctx.hashes["train"])
+
+    def fresh(self, ctx: StageContext, record: dict) -> str | None:
+        """The manifests as written, and every file of every bundle as its manifest lists it."""
+        if changed := super().fresh(ctx, record):
+            return changed
+        for m in ctx.cfg.methods:
+            root = ctx.run.bundle(m.label)
+            for rel, rec in read_json(root / "manifest.json")["files"].items():
+                p = root / rel
+                if not p.is_file() or p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
+                    return f"{ctx.run.rel(p)} changed since its bundle was written"
+        return None
 
     def run(self, ctx: StageContext) -> dict:
         c = ctx.cfg

@@ -20,15 +20,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import read_json, write_json
 
 # a joint entry's own folder under train/<label>/; task names cannot contain "@", so no clash
 JOINT_UNIT = "@joint"
 
 
+class RunDirError(TaskfoldError, ValueError):
+    """A path that would land outside the run directory."""
+
+
 class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    def inside(self, path: Path) -> Path:
+        """``path``, after checking that it lands inside the run directory (names are validated at
+        config time; this is the last guard before anything is written, removed or replaced)."""
+        root, target = self.root.resolve(), Path(path).resolve()
+        if target != root and root not in target.parents:
+            raise RunDirError(f"{path}: outside the run directory {self.root}; refusing to write there")
+        return Path(path)
 
     # ---------------------------------------------------------------- inputs and training
 
@@ -37,14 +50,14 @@ class RunDir:
         return self.root / "config.resolved.json"
 
     def prepared(self, task: str) -> Path:
-        return self.root / "prepared" / f"{task}.json"
+        return self.inside(self.root / "prepared" / f"{task}.json")
 
     def entry(self, label: str) -> Path:
-        return self.root / "train" / label
+        return self.inside(self.root / "train" / label)
 
     def unit(self, label: str, task: str, pass_: int | None = None) -> Path:
         """A training unit's folder; ``pass_`` for pool entries with more than one pass."""
-        folder = self.entry(label) / task
+        folder = self.inside(self.entry(label) / task)
         return folder / f"pass{pass_}" if pass_ is not None else folder
 
     def joint_unit(self, label: str) -> Path:
@@ -70,14 +83,14 @@ class RunDir:
     # ---------------------------------------------------------------- artefacts
 
     def bundle(self, label: str) -> Path:
-        return self.root / "bundles" / label
+        return self.inside(self.root / "bundles" / label)
 
     @property
     def exports(self) -> Path:
         return self.root / "exports"
 
     def export(self, label: str, task: str) -> Path:
-        return self.exports / label / f"{task}.onnx"
+        return self.inside(self.exports / label / f"{task}.onnx")
 
     @property
     def base_export(self) -> Path:
@@ -93,7 +106,7 @@ class RunDir:
     # ---------------------------------------------------------------- records and reports
 
     def stage_file(self, stage: str) -> Path:
-        return self.root / "stages" / f"{stage}.json"
+        return self.inside(self.root / "stages" / f"{stage}.json")
 
     def record(self, stage: str) -> dict | None:
         p = self.stage_file(stage)
@@ -119,4 +132,4 @@ class RunDir:
         return self.root / "bench"
 
     def bench_file(self, name: str) -> Path:
-        return self.bench_dir / f"{name}.json"
+        return self.inside(self.bench_dir / f"{name}.json")

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.core.io import write_json
+from pipeline.core.io import sweep, write_json
 from pipeline.stages.base import Stage, run_stage
 from pipeline.stages.bench import BenchStage
 from pipeline.stages.context import StageContext
@@ -57,6 +57,9 @@ class Runner:
         torch.set_num_threads(self.cfg.run.threads)
         if rt.main:
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
+            if swept := sweep(self.run_dir.root):
+                ctx.log(f"removed {len(swept)} temp file(s) left by a killed run: "
+                        f"{', '.join(self.run_dir.rel(p) for p in swept[:3])}{', ...' if len(swept) > 3 else ''}")
             write_json(self.run_dir.config_file, self.cfg.to_jsonable())
             for name in force:  # a forced stage's outputs change what every later stage read
                 for later in STAGES[STAGES.index(name):]:

@@ -58,8 +58,10 @@ class Loop:
     ``state_dict``/``load_state_dict``) after each."""
 
     def __init__(self, epochs: int, seed: int, stateful: dict, ckpt: Path | None = None, signature: str = "",
-                 stop_after_epoch: int | None = None, runtime: Runtime | None = None):
+                 stop_after_epoch: int | None = None, runtime: Runtime | None = None,
+                 log: Callable[[str], None] = print):
         self.runtime = runtime or Runtime()
+        self.log = log
         self.epochs = epochs
         self.seed = seed
         self.stateful = stateful
@@ -71,7 +73,7 @@ class Loop:
     def run(self, epoch_fn: Callable[[int], dict]) -> LoopRecord:
         rec = self.record
         start = 0
-        if (state := load_checkpoint(self.ckpt, self.signature, self.stateful)) is not None:
+        if (state := load_checkpoint(self.ckpt, self.signature, self.stateful, self.log)) is not None:
             rec.history = state["history"]
             start = rec.resumed_from_epoch = state["epoch"] + 1
         t0 = time.perf_counter()
@@ -92,18 +94,35 @@ class Loop:
         return len(self.record.history) == self.epochs
 
 
-def load_checkpoint(ckpt: Path | None, signature: str, stateful: dict) -> dict | None:
-    """Restore ``stateful`` from ``ckpt`` if it exists; a checkpoint of another config is refused.
-    Returns the checkpoint (epoch, history) or None."""
+def load_checkpoint(ckpt: Path | None, signature: str, stateful: dict, log: Callable[[str], None] = print) -> dict | None:
+    """Restore ``stateful`` from ``ckpt`` if it holds this run's state. A checkpoint of another
+    config (the unit's settings changed since), of an older taskfold, or unreadable (cut short
+    by a full disk) is a cache that no longer applies: it is removed, with a line saying why,
+    and the unit starts afresh. Returns the checkpoint (epoch, history) or None."""
     if ckpt is None or not ckpt.is_file():
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if state.get("signature") != signature:
-        raise TrainingError(f"{ckpt}: checkpoint belongs to another config (signature {state.get('signature')!r}, "
-                            f"this run {signature!r}); delete it or use another --out")
-    for name, obj in stateful.items():
-        obj.load_state_dict(state[name])
-    return state
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        why = None if isinstance(state, dict) and state.get("signature") == signature else "another config"
+        if why is None and (missing := [k for k in stateful if k not in state]):
+            why = f"an older taskfold (no {missing[0]!r})"
+        if why is None:
+            for name, obj in stateful.items():
+                obj.load_state_dict(state[name])
+            return state
+    except Exception as err:  # noqa: BLE001  (torch.load raises several types for a broken file)
+        why = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    log(f"  {ckpt}: checkpoint of {why}; removed, the unit starts from epoch 1")
+    ckpt.unlink(missing_ok=True)
+    return None
+
+
+def check_finite(model: torch.nn.Module, where: str, lr: float, lr_source: str, epoch: int) -> None:
+    """Stop at the first parameter or statistic that is not finite (a diverged model is never saved)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingError(f"{where}: {name} is not finite after epoch {epoch + 1} (lr {lr:g}, from {lr_source}); "
+                                f"the model diverged: lower {lr_source}")
 
 
 def save_checkpoint(ckpt: Path | None, signature: str, epoch: int, history: list, stateful: dict) -> None:

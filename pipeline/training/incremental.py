@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from pipeline.data import BadImages, TaskData
 from pipeline.methods.base import IncrementalMethod
 from pipeline.methods.context import Schedule, TaskContext
 from pipeline.training import optim
-from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError, epoch_seed
+from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError, check_finite, epoch_seed
 from pipeline.training.evaluate import evaluate, recalibrate_norms
 from pipeline.training.runtime import Runtime
 
@@ -108,8 +109,9 @@ class TaskTrainer:
             if reg is not None:
                 loss = loss + reg
         if not torch.isfinite(loss):
-            raise TrainingError(f"{method.name}/{self.data.name}: loss is {loss.item()} at epoch {epoch + 1} "
-                                f"(lr {self.optimisers.lr():.3g}); lower the lr")
+            s = self.schedule
+            raise TrainingError(f"{method.name}/{self.data.name}: loss is {loss.item()} at epoch {epoch + 1} (lr "
+                                f"{s.lr:g}, from {s.lr_source}; the head at {s.head_lr_scale:g}x); lower {s.lr_source}")
         self.optimisers.zero_grad("weights")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -136,6 +138,7 @@ class TaskTrainer:
             total += torch.tensor([loss * len(batch.y), len(batch.y)], dtype=torch.float64)
             bar.set_postfix(loss=f"{total[0] / total[1]:.3f}")
         rt.all_sum(total)
+        check_finite(self.model, f"{method.name}/{data.name}", schedule.lr, schedule.lr_source, epoch)
         val = evaluate(self.model, data.val, rt)
         mean_loss = float(total[0] / total[1].clamp_min(1))
         if self.progress and rt.main:
@@ -146,7 +149,7 @@ class TaskTrainer:
 def train_task(backbone: Backbone, data: TaskData, method: IncrementalMethod, schedule: Schedule, seed: int,
                workdir: Path | None = None, signature: str = "", progress: bool = True,
                stop_after_epoch: int | None = None, versions=None, pool=None,
-               runtime: Runtime | None = None) -> TrainOutcome:
+               runtime: Runtime | None = None, log: Callable[[str], None] = print) -> TrainOutcome:
     """Train ``method`` on ``data``; checkpoint to ``workdir/checkpoint.pt`` after every epoch.
 
     ``signature`` identifies the run (config hash); ``stop_after_epoch`` ends early (tests of
@@ -156,11 +159,13 @@ def train_task(backbone: Backbone, data: TaskData, method: IncrementalMethod, sc
                           runtime)
     model, rt = trainer.model, trainer.runtime
     ckpt = Path(workdir) / "checkpoint.pt" if workdir is not None else None
-    loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt)
+    loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt, log)
     record = loop.run(lambda epoch: trainer.epoch(epoch, loop.record))
     if loop.finished and schedule.recalibrate_norms and method.task_norms:
         t0 = time.perf_counter()
         recalibrate_norms(model, data.train_eval, rt, schedule.batch_size)
+        check_finite(model, f"{method.name}/{data.name} (BatchNorm re-estimated)", schedule.lr, schedule.lr_source,
+                     schedule.epochs - 1)
         record.seconds += time.perf_counter() - t0
     # back to the standard layout, as merged models have: fold checks then compare the fold,
     # not two conv kernels (channels_last and contiguous convs round differently, ~1e-4)

@@ -40,7 +40,7 @@ from pipeline.methods.context import JointContext, Schedule
 from pipeline.methods.layers import NORM_TYPES
 from pipeline.methods.multitask import MultiTaskNet
 from pipeline.training import optim
-from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError
+from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError, check_finite
 from pipeline.training.evaluate import evaluate, recalibrate_task_norms
 from pipeline.training.incremental import global_batch
 from pipeline.training.runtime import Runtime
@@ -77,7 +77,7 @@ class JointOutcome:
 def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule,
                 seed: int, workdir: Path | None = None, signature: str = "", progress: bool = True,
                 stop_after_epoch: int | None = None, runtime: Runtime | None = None,
-                image_size: int | None = None) -> JointOutcome:
+                image_size: int | None = None, log=print) -> JointOutcome:
     """Train ``method`` on all ``tasks``; with several variants, keep the best mean validation."""
     workdir = Path(workdir) if workdir is not None else None
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def train_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMet
         ckpt = workdir / "scratch" / f"candidate{i}" / "checkpoint.pt" if workdir is not None else None
         out = run_joint(backbone, tasks, method, schedule, seed, ckpt, f"{signature}/candidate{i}", progress,
                         stop_after_epoch, desc=f"{method.name}" + (f" #{i}" if n > 1 else ""), variant=i,
-                        runtime=runtime)
+                        runtime=runtime, log=log)
         seen.append({"candidate": i, "mean_val_acc": out.mean_val, "train_seconds": round(out.record.seconds, 2)})
         if best is None or out.mean_val > best.mean_val:
             best = out
@@ -164,8 +164,9 @@ class JointTrainer:
             with rt.autocast():
                 loss = method.task_weight(t) * F.cross_entropy(model.use(t)(x), y)
             if not torch.isfinite(loss):
-                raise TrainingError(f"{method.name}/{t}: loss is {loss.item()} at epoch {epoch + 1} ({phase} phase, "
-                                    f"lr {self.optimisers.lr():.3g}); lower the lr")
+                s = self.schedule
+                raise TrainingError(f"{method.name}/{t}: loss is {loss.item()} at epoch {epoch + 1} ({phase} phase, lr "
+                                    f"{s.lr:g}, from {s.lr_source}); lower {s.lr_source}")
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             step_loss += loss.item()
         with rt.autocast():
@@ -209,6 +210,8 @@ class JointTrainer:
             self.optimisers.set_phase(phase)
             losses[phase] = self.phase(epoch, phase, record)
         self.optimisers.set_phase(None)
+        s = self.schedule
+        check_finite(self.model, f"{self.method.name} (joint)", s.lr, s.lr_source, epoch)
         rec = {"epoch": epoch + 1, "train_loss": losses, **self.validate()}
         if self.progress and self.runtime.main:
             tqdm.write(f"  {self.desc} epoch {epoch + 1}: loss {losses}, mean val acc {rec['mean_val_acc']:.4f}")
@@ -222,15 +225,17 @@ class JointTrainer:
 def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMethod, schedule: Schedule, seed: int,
               ckpt: Path | None = None, signature: str = "", progress: bool = True,
               stop_after_epoch: int | None = None, desc: str = "joint", variant: int = 0,
-              runtime: Runtime | None = None) -> JointOutcome:
+              runtime: Runtime | None = None, log=print) -> JointOutcome:
     """One joint training of one model (``train_joint`` runs one per variant)."""
     trainer = JointTrainer(backbone, tasks, method, schedule, seed, progress, desc, variant, runtime)
     model, rt = trainer.model, trainer.runtime
-    loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt)
+    loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt, log)
     record = loop.run(lambda epoch: trainer.epoch(epoch, loop.record))
     if loop.finished and schedule.recalibrate_norms and method.task_norms:
         t0 = time.perf_counter()
         recalibrate_task_norms(model, {t: d.train_eval for t, d in tasks.items()}, rt, schedule.batch_size)
+        check_finite(model, f"{method.name} (joint, BatchNorm re-estimated)", schedule.lr, schedule.lr_source,
+                     schedule.epochs - 1)
         record.history[-1].update(trainer.validate())  # what variants are compared on
         record.seconds += time.perf_counter() - t0
     model.to(memory_format=torch.contiguous_format).eval()

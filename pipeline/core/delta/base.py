@@ -46,6 +46,13 @@ class Delta:
     def apply(self, module: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def validate(self, module: nn.Module) -> None:
+        """Raise ValueError if this entry does not fit ``module`` of the base (a delta for another
+        backbone, a tampered file). Default: merge into a copy; kinds override with shape checks."""
+        import copy
+
+        self.apply(copy.deepcopy(module))
+
     def covers(self) -> list[str]:
         """Names of the module's base tensors this delta makes unnecessary (ledger use)."""
         return []

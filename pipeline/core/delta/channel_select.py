@@ -123,6 +123,18 @@ class ChannelSelect(Delta):
         w, b = self.resolve(module.weight, getattr(module, "bias", None))
         return {"weight": w} | ({"bias": b} if b is not None else {})
 
+    def validate(self, module: nn.Module) -> None:
+        weight = own_tensors(module).get("weight")
+        if weight is None:
+            raise KeyError(f"{type(module).__name__} has no weight for a channel_select entry")
+        if self.mask.dim() != 1 or self.mask.numel() != weight.shape[0]:
+            raise ValueError(f"channel_select: mask of {self.mask.numel()} channels, the layer has {weight.shape[0]}")
+        if tuple(self.rows.shape[1:]) != tuple(weight.shape[1:]):
+            raise ValueError(f"channel_select: rows {tuple(self.rows.shape)} do not fit weight {tuple(weight.shape)}")
+        has_bias = getattr(module, "bias", None) is not None
+        if (self.bias is not None) != has_bias or (self.bias is not None and self.bias.numel() != self.rows.shape[0]):
+            raise ValueError("channel_select: bias rows do not fit the layer's bias")
+
     def apply(self, module: nn.Module) -> nn.Module:
         values = self.overlay(module)
         with torch.no_grad():

@@ -24,6 +24,11 @@ class Head(Delta):
     def from_tensors(cls, tensors: dict[str, torch.Tensor], attrs: dict | None = None) -> "Head":
         return cls(tensors["weight"], tensors["bias"])
 
+    def validate(self, module: nn.Module) -> None:
+        if self.weight.dim() != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise ValueError(f"head: weight {tuple(self.weight.shape)} and bias {tuple(self.bias.shape)} are not a "
+                             "classifier (classes x features, classes)")
+
     def apply(self, module: nn.Module) -> nn.Module:
         head = nn.Linear(self.weight.shape[1], self.weight.shape[0])
         with torch.no_grad():

@@ -62,6 +62,23 @@ class LowRank(Delta):
                  for i, p in enumerate(attrs["parts"])]
         return cls(parts)
 
+    def validate(self, module: nn.Module) -> None:
+        weight = own_tensors(module).get("weight")
+        if weight is None:
+            raise KeyError(f"{type(module).__name__} has no weight for a low-rank delta")
+        for part in self.parts:
+            if any(f.dim() != 2 or f.shape[0] != part.factors[0].shape[0] for f in part.factors):
+                raise ValueError("low-rank factors must all be (rank, n) with one rank")
+            lo, hi = part.rows if part.rows is not None else (0, weight.shape[0])
+            if not 0 <= lo < hi <= weight.shape[0]:
+                raise ValueError(f"low-rank rows {part.rows} outside the weight's {weight.shape[0]} rows")
+            n = 1
+            for f in part.factors:
+                n *= f.shape[1]
+            if n != weight[lo:hi].numel():
+                raise ValueError(f"low-rank factors span {n} values, the weight block {tuple(weight[lo:hi].shape)} has "
+                                 f"{weight[lo:hi].numel()}")
+
     def overlay(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": module.weight + self.dense(module.weight)}
 

@@ -29,7 +29,7 @@ class _Overlay(Delta):
     def overlay(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return dict(self.values)
 
-    def apply(self, module: nn.Module) -> nn.Module:
+    def validate(self, module: nn.Module) -> None:
         own = own_tensors(module)
         for name, value in self.values.items():
             if name not in own:
@@ -39,7 +39,12 @@ class _Overlay(Delta):
                     f"{type(module).__name__}.{name}: task tensor shape {tuple(value.shape)} "
                     f"!= base shape {tuple(own[name].shape)}"
                 )
-            with torch.no_grad():
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        self.validate(module)
+        own = own_tensors(module)
+        with torch.no_grad():
+            for name, value in self.values.items():
                 own[name].copy_(value)
         return module
 

@@ -34,6 +34,11 @@ class Skip(Delta):
     def covers(self) -> list[str]:
         return list(self.tensors_of_block)
 
+    def validate(self, module: nn.Module) -> None:
+        names = set(module.state_dict())
+        if unknown := [n for n in self.tensors_of_block if n not in names]:
+            raise KeyError(f"skip covers tensors {unknown[:3]} that block {type(module).__name__} does not have")
+
     def apply(self, module: nn.Module) -> nn.Module:
         return nn.Identity()
 
