@@ -106,8 +106,9 @@ class OnnxExporter:
     def signature(model: torch.nn.Module) -> tuple:
         return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
 
-    def export(self, model: torch.nn.Module, path: Path) -> Path:
-        """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically, one self-contained file."""
+    def export(self, model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically, one self-contained file,
+        with ``metadata`` as the model's metadata properties."""
         _quiet()
         model = model.eval()
         sig = self.signature(model)
@@ -126,8 +127,11 @@ class OnnxExporter:
             self.traces += 1
         else:
             program.apply_weights({k: v.detach() for k, v in model.state_dict().items()})
+        proto = strip_debug(fold_constants(program.model_proto))
+        if metadata:
+            onnx.helper.set_model_props(proto, metadata)
         with atomic_path(Path(path)) as tmp:
-            onnx.save_model(strip_debug(fold_constants(program.model_proto)), str(tmp))
+            onnx.save_model(proto, str(tmp))
         return Path(path)
 
 

@@ -213,6 +213,11 @@ def kwargs_file(m, b, tmp):
 
 def classes_changed(m, b, tmp):
     m["tasks"]["digits"]["num_classes"] = 3
+    m["tasks"]["digits"].pop("classes", None)
+
+
+def class_names_changed(m, b, tmp):
+    m["tasks"]["digits"]["classes"] = ["zero", "one"]
 
 
 def symlink(m, b, tmp):
@@ -351,6 +356,8 @@ CASES = [
     Case("bundle-kwargs-file", manifest_edit(kwargs_file), 2,
          r"backbone\.kwargs: .*kwargs\.pretrained_cfg_overlay: a bundle may not set"),
     Case("bundle-classes", manifest_edit(classes_changed), 2, r"entry 'head' is \(10, 16\), expected \(classes, features\) \(3, 16\)"),
+    Case("bundle-class-names", manifest_edit(class_names_changed), 2,
+         r"manifest\.json: tasks\.digits\.classes names 2 classes, num_classes is 10"),
     Case("bundle-symlink", manifest_edit(symlink), 2, r"link\.safetensors: a link inside the bundle"),
     Case("inspect-not-a-bundle", lambda tmp, f: (tmp / "run").mkdir() or ["inspect", str(tmp / "run")], 2,
          r"manifest\.json: not found; is .* a taskfold bundle"),

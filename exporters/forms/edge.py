@@ -9,6 +9,20 @@ from exporters.forms.base import BuildContext, Form, sessions_spec
 from exporters.precision import Int8Recipe, to_fp16, to_int8
 
 
+def keep_metadata(src, dst) -> None:
+    """The merged file's metadata (task, class names) onto a variant made from it."""
+    import onnx
+
+    from pipeline.core.io import atomic_path
+
+    props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    model = onnx.load(str(dst))
+    if props and {p.key: p.value for p in model.metadata_props} != props:
+        onnx.helper.set_model_props(model, props)
+        with atomic_path(dst) as tmp:
+            onnx.save_model(model, str(tmp))
+
+
 class Fp16(Form):
     name = "fp16"
     note = "merged, float16 weights and compute"
@@ -19,6 +33,7 @@ class Fp16(Form):
         for t in bundle.tasks:
             files[t] = f"{label}/{t}.fp16.onnx"
             to_fp16(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
+            keep_metadata(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
         return sessions_spec(files, shared=False)
 
 
@@ -34,4 +49,5 @@ class Int8(Form):
             files[t] = f"{label}/{t}.int8.onnx"
             to_int8(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t], ctx.images[t].calibration,
                     recipe=self.options)
+            keep_metadata(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
         return sessions_spec(files, shared=False)

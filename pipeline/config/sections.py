@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from exporters.forms import FORMS, OPTIONAL
 
@@ -39,6 +39,32 @@ class BackboneConfig(Strict):
     weights: str = "packaged"
     image_size: int = Field(64, ge=8)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # how a weights file's tensors map onto the model: by name (as saved by timm/torchvision), in
+    # order (another codebase's names, same architecture; shapes checked), or rename rules
+    # {regex: replacement} applied to the file's names before loading by name
+    weights_map: Literal["names", "order"] | dict[str, str] = "names"
+
+    @model_validator(mode="after")
+    def _packaged(self) -> "BackboneConfig":
+        from pipeline.core.weights import PACKAGED
+
+        if self.weights == "packaged" and self.name not in PACKAGED and self.name != "tiny_convnet":
+            raise ValueError(f"weights: no packaged weights for {self.name!r} (packaged: {sorted(PACKAGED)}); use a "
+                             "local file, none, or hub")
+        return self
+
+    @field_validator("weights_map")
+    @classmethod
+    def _rules(cls, mapping):
+        import re
+
+        if isinstance(mapping, dict):
+            for pattern in mapping:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{pattern!r} is not a regular expression: {err}") from None
+        return mapping
 
     @field_validator("name")
     @classmethod

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.core.tiny import TinyConvNet
-from pipeline.core.weights import (PACKAGED, BackboneError, load_by_name, load_in_order,
-                                   read_state_file)
+from pipeline.core.weights import PACKAGED, BackboneError, WeightsMap, load_file_weights, load_in_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,7 +100,8 @@ def is_known_backbone(name: str) -> bool:
     return timm.is_model(name)
 
 
-def build_backbone(name: str, weights: str = "none", kwargs: dict[str, Any] | None = None, seed: int = 0) -> Backbone:
+def build_backbone(name: str, weights: str = "none", kwargs: dict[str, Any] | None = None, seed: int = 0,
+                   weights_map: WeightsMap = "names") -> Backbone:
     """Build ``name`` (tiny test model, timm, or ``torchvision:NAME``) with weights from ``weights``.
 
     Initialisation is seeded (and leaves the global RNG alone), so ``weights: none`` gives
@@ -110,25 +110,25 @@ def build_backbone(name: str, weights: str = "none", kwargs: dict[str, Any] | No
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return _build(name, weights, dict(kwargs or {}))
+            return _build(name, weights, dict(kwargs or {}), weights_map)
         except TypeError as err:  # a constructor option the model does not take
             raise BackboneError(f"backbone.kwargs {kwargs}: {name} does not take them: {err}") from None
 
 
-def _build(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:
+def _build(name: str, weights: str, kwargs: dict[str, Any], weights_map: WeightsMap = "names") -> Backbone:
     if name == "tiny_convnet":
         model = TinyConvNet(**kwargs)
         if weights in ("packaged", "hub"):
             raise BackboneError(f"tiny_convnet: no {weights} weights; use 'none' or a local file")
         if weights != "none":
-            load_by_name(model, read_state_file(Path(weights)), str(weights), ())
+            load_file_weights(model, Path(weights), weights_map, ())
         return Backbone(name, model, model.num_features, IMAGENET_MEAN, IMAGENET_STD, kwargs)
     if name.startswith("torchvision:"):
-        return _build_torchvision(name, weights, kwargs)
-    return _build_timm(name, weights, kwargs)
+        return _build_torchvision(name, weights, kwargs, weights_map)
+    return _build_timm(name, weights, kwargs, weights_map)
 
 
-def _build_timm(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:
+def _build_timm(name: str, weights: str, kwargs: dict[str, Any], weights_map: WeightsMap = "names") -> Backbone:
     import timm
 
     if not timm.is_model(name):
@@ -139,14 +139,14 @@ def _build_timm(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:
             raise BackboneError(f"{name}: no packaged weights; packaged backbones: {sorted(PACKAGED)}")
         load_in_order(model, PACKAGED[name](), f"packaged weights for {name}")
     elif weights not in ("none", "hub"):
-        load_by_name(model, read_state_file(Path(weights)), str(weights), _classifier_prefixes(model))
+        load_file_weights(model, Path(weights), weights_map, _classifier_prefixes(model))
     cfg = timm.data.resolve_data_config({}, model=model)
     model.reset_classifier(0)
     return Backbone(name, model, model.num_features, tuple(cfg["mean"]), tuple(cfg["std"]), kwargs,
                     cfg.get("interpolation", "bilinear"), float(cfg.get("crop_pct", 0.875)))
 
 
-def _build_torchvision(name: str, weights: str, kwargs: dict[str, Any]) -> Backbone:
+def _build_torchvision(name: str, weights: str, kwargs: dict[str, Any], weights_map: WeightsMap = "names") -> Backbone:
     import torchvision
 
     arch = name.split(":", 1)[1]
@@ -156,6 +156,7 @@ def _build_torchvision(name: str, weights: str, kwargs: dict[str, Any]) -> Backb
     if weights == "packaged":
         raise BackboneError(f"{name}: no packaged weights; use 'none', 'hub' or a local file")
     if weights not in ("none", "hub"):
-        load_by_name(model, read_state_file(Path(weights)), str(weights), ())
+        head = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+        load_file_weights(model, Path(weights), weights_map, tuple(f"{p}." for p in head))
     model, num_features = _strip_torchvision_head(model)
     return Backbone(name, model, num_features, IMAGENET_MEAN, IMAGENET_STD, kwargs)

@@ -43,7 +43,8 @@ def versions() -> dict[str, str]:
 
 def backbone_id(backbone: Backbone, weights: str, image_size: int) -> dict:
     return {"name": backbone.name, "kwargs": backbone.kwargs, "weights": weights, "image_size": image_size,
-            "mean": list(backbone.mean), "std": list(backbone.std), "num_features": backbone.num_features}
+            "mean": list(backbone.mean), "std": list(backbone.std), "num_features": backbone.num_features,
+            "interpolation": backbone.interpolation, "crop_pct": backbone.crop_pct}
 
 
 def base_state(backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -51,8 +52,10 @@ def base_state(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def write_bundle(out: Path, backbone: Backbone, backbone_info: dict, deltas: list[TaskDelta],
-                 method: dict, num_classes: dict[str, int], classes: dict[str, list[str]] | None = None) -> dict:
-    """Write a complete bundle atomically (temp dir, then rename); return its manifest."""
+                 method: dict, num_classes: dict[str, int], task_info: dict[str, dict] | None = None) -> dict:
+    """Write a complete bundle atomically (temp dir, then rename); return its manifest.
+    ``task_info[task]``: facts for the manifest's task record (``crop_pct``); class names come
+    from each delta."""
     names = {d.task for d in deltas}
     for d in deltas:
         if missing := d.references() - names:
@@ -74,7 +77,8 @@ def write_bundle(out: Path, backbone: Backbone, backbone_info: dict, deltas: lis
             "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                       for p in files.values()},
             "tasks": {d.task: {"file": task_file(d.task), "num_classes": num_classes[d.task]}
-                      | ({"classes": list(classes[d.task])} if classes and d.task in classes else {})
+                      | ({"classes": list(d.classes)} if d.classes else {})
+                      | {k: v for k, v in (task_info or {}).get(d.task, {}).items() if v is not None}
                       for d in deltas},
             "ledger": ledger,
         }

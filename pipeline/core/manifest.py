@@ -36,6 +36,7 @@ class TaskRecord(Strict):
     file: str
     num_classes: int = Field(ge=1)
     classes: list[str] | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1)  # the task's evaluation crop, where its source sets one
 
 
 def _plain(value: Any) -> bool:
@@ -56,6 +57,8 @@ class BackboneRecord(Strict):
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
     num_features: int = Field(ge=1)
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] = "bilinear"
+    crop_pct: float = Field(0.875, gt=0, le=1)
 
     @field_validator("kwargs")
     @classmethod

@@ -114,6 +114,10 @@ def _task(root: Path, m: Manifest, task: str, base) -> TaskDelta:
     if delta.task != task or delta.method != m.method["name"]:
         raise BundleError(f"{path}: holds task {delta.task!r} of method {delta.method!r}, the manifest says task "
                           f"{task!r} of {m.method['name']!r}")
+    names = m.tasks[task].classes
+    if names is not None and len(names) != m.tasks[task].num_classes:
+        raise BundleError(f"{root / 'manifest.json'}: tasks.{task}.classes names {len(names)} classes, num_classes "
+                          f"is {m.tasks[task].num_classes}")
     for p, entry in delta.entries.items():
         if p == "head":
             w = entry.tensors().get("weight")

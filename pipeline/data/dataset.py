@@ -175,8 +175,10 @@ class Split:
         ``seed`` (None: in order); ``pad``: every rank the same count, by wrapping (evaluation
         counts each image once instead)."""
         batches = SeededBatches(len(self), batch_size, seed, rank, world, cycles, pad)
+        # its own generator: creating an iterator draws a base seed, which must not move the global
+        # RNG that the model's own random ops (AdaShare's Gumbel noise) draw from
         return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=collate,
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(seed or 0))
 
     def batches(self, batch_size: int, limit: int | None = None, policy: BadImages | None = None,
                 where: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

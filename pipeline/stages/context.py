@@ -100,7 +100,7 @@ class StageContext:
     def backbone(self) -> Backbone:
         if self._backbone is None:
             b = self.cfg.backbone
-            self._backbone = build_backbone(b.name, b.weights, b.kwargs, seed=self.cfg.run.seed)
+            self._backbone = build_backbone(b.name, b.weights, b.kwargs, seed=self.cfg.run.seed, weights_map=b.weights_map)
         return self._backbone
 
     def index(self, task: str) -> TaskIndex:

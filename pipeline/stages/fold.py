@@ -44,6 +44,8 @@ class FoldStage(Stage):
                 ctx.run.bundle(m.label), backbone, backbone_id(backbone, weights, c.backbone.image_size), deltas,
                 {"name": m.name, "label": m.label, "params": m.params.model_dump(mode="json")},
                 {t.name: prepared[t.name]["num_classes"] for t in c.tasks},
+                {t.name: {"crop_pct": t.crop_pct if t.crop_pct is not None else ctx.pools(t.name).crop_pct}
+                 for t in c.tasks},
             )
             ledgers[m.label] = manifest["ledger"]
             ctx.log(f"fold {m.label}: {manifest['ledger']['total']['n_x_base']:.3f} x base, "

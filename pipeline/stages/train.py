@@ -187,6 +187,7 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
         ctx.log(f"  resumed from epoch {outcome.record.resumed_from_epoch}")
     model = outcome.model
     delta = method.task_delta(model, task).to("cpu").link(versions)
+    delta.classes = list(data.classes)
     check = fold_check(ctx, model, backbone.base_net(), delta, tag)
     rec = outcome.record
     result = task_result(h, entry, task, evaluate(model, data.val, rt), evaluate(model, data.test, rt),
@@ -233,6 +234,8 @@ def train_joint_unit(ctx: StageContext, entry: MethodEntry, unit, h: str) -> Non
     seconds = outcome.unit_seconds  # a search and every variant included
     per_step = step_ms(rec.steps, rec.step_seconds)
     deltas = {task: method.task_delta(model, task).to("cpu") for task in tasks}
+    for task, d in deltas.items():
+        d.classes = list(tasks[task].classes)
     checks = {t: fold_check(ctx, model.use(t), base, d, f"{entry.label}/{t}") for t, d in deltas.items()}
     results = {}
     for task, data in tasks.items():  # every task checked before anything is written

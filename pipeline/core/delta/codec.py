@@ -25,6 +25,8 @@ METADATA_KEY = "taskfold.delta"
 def metadata(delta: TaskDelta) -> dict[str, str]:
     entries = [[path, d.kind, d.attrs()] for path, d in delta.entries.items()]
     info = {"task": delta.task, "method": delta.method, "gate_bits": delta.gate_bits, "entries": entries}
+    if delta.classes:
+        info["classes"] = list(delta.classes)
     return {METADATA_KEY: json.dumps(info, sort_keys=True)}
 
 
@@ -51,7 +53,10 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TaskDelta:
     if grouped:
         path, kind = next(iter(grouped))
         raise ValueError(f"tensor {path}::{kind}::* belongs to no entry in the metadata")
-    return TaskDelta(info["task"], info["method"], entries, int(info["gate_bits"]))
+    classes = info.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError("metadata 'classes' is not a list of names")
+    return TaskDelta(info["task"], info["method"], entries, int(info["gate_bits"]), classes)
 
 
 def write_delta(path: Path, delta: TaskDelta) -> None:

@@ -25,6 +25,7 @@ class TaskDelta:
     method: str
     entries: dict[str, Delta] = field(default_factory=dict)
     gate_bits: int = 0
+    classes: list[str] = field(default_factory=list)  # the task's class names, in label order (may be empty)
 
     def by_kind(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -61,7 +62,7 @@ class TaskDelta:
         """A copy with every tensor on ``device`` (links to other deltas are not copied: relink)."""
         entries = {path: type(d).from_tensors({k: v.detach().to(device) for k, v in d.tensors().items()}, d.attrs())
                    for path, d in self.entries.items()}
-        return TaskDelta(self.task, self.method, entries, self.gate_bits)
+        return TaskDelta(self.task, self.method, entries, self.gate_bits, list(self.classes))
 
     def flat_tensors(self) -> dict[str, torch.Tensor]:
         """``{path}::{kind}::{name}`` -> contiguous tensor, the safetensors payload."""

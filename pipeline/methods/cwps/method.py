@@ -146,7 +146,7 @@ class Cwps(PoolMethod):
             entries = {}
             for path, e in d.entries.items():
                 entries[path] = rebase(e, kept, versions, path) if isinstance(e, ChannelSelect) else e
-            out.append(TaskDelta(task, d.method, entries, d.gate_bits))
+            out.append(TaskDelta(task, d.method, entries, d.gate_bits, list(d.classes)))
         by_task = {d.task: d for d in out}
         return [d.link(by_task) for d in out]
 
