@@ -19,6 +19,7 @@ from exporters.forms import FORMS
 from exporters.forms.base import BuildContext
 from exporters.loader import Loader
 from exporters.onnx import OnnxExporter
+from pipeline.core.compare import within
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import atomic_dir, write_json
 
@@ -50,8 +51,9 @@ class Thresholds:
                 return (f"accuracy {check['reference_accuracy']:.4f} -> {check['accuracy']:.4f}, a drop beyond "
                         f"checks.max_accuracy_drop {self.max_accuracy_drop:g}")
             return None
-        if not check["max_abs_diff"] <= self.max_abs_diff:
-            return f"max |logit difference| {check['max_abs_diff']:.3g} > checks.onnx_max_abs_diff {self.max_abs_diff:g}"
+        if not within(check, self.max_abs_diff):
+            return (f"max |logit difference| {check['max_abs_diff']:.3g} > checks.onnx_max_abs_diff "
+                    f"{self.max_abs_diff:g} x the largest logit {max(1.0, check.get('scale', 0.0)):.3g}")
         if not check["argmax_agree"] >= self.min_argmax_agree:
             return f"argmax agreement {check['argmax_agree']:.4f} < checks.min_argmax_agree {self.min_argmax_agree:g}"
         return None

@@ -53,7 +53,7 @@ def _parse_methods(path: str, raw: Any) -> list[dict[str, Any]]:
         if label in labels:
             raise ConfigError(f"{path}: {where}.label: repeated label {label!r}; give each run of a method its own label")
         labels.add(label)
-        common = {k: entry.pop(k) for k in ("epochs", "lr", "base") if k in entry}
+        common = {k: entry.pop(k) for k in ("epochs", "lr", "base", "optim") if k in entry}
         try:
             params = REGISTRY[name].Config(**entry)
         except ValidationError as err:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.config.sections import (BackboneConfig, BenchConfig, ChecksConfig, ExportConfig, RunOptions, Strict,
                                       TrainConfig)
 from pipeline.data.config import DataOptions, TaskConfig, safe_name
+from pipeline.methods.base import GROUPS, GroupOptions
 
 
 class MethodEntry(Strict):
@@ -20,6 +21,9 @@ class MethodEntry(Strict):
     params: BaseModel
     epochs: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
+    # per parameter group (head, norms, body, factors, gates, policy): optimiser, lr or lr_scale,
+    # momentum, weight_decay, warmup_epochs, clip; laid over the method's own defaults
+    optim: dict[str, GroupOptions] = Field(default_factory=dict)
     # label of an earlier joint entry: start from its jointly trained shared weights instead of
     # the pretrained backbone (the TAPS paper's memory-efficient joint variant)
     base: str | None = None
@@ -30,6 +34,13 @@ class MethodEntry(Strict):
     @classmethod
     def _safe(cls, label: str) -> str:
         return safe_name(label, "method label")
+
+    @field_validator("optim")
+    @classmethod
+    def _groups(cls, optim: dict) -> dict:
+        if unknown := sorted(set(optim) - set(GROUPS)):
+            raise ValueError(f"unknown parameter group(s) {unknown}; groups: {list(GROUPS)}")
+        return optim
 
 
 class RunConfig(Strict):
@@ -88,6 +99,8 @@ class RunConfig(Strict):
         out = self.model_dump(mode="json", exclude={"methods"})
         out["methods"] = [
             {"name": m.name, "label": m.label, "epochs": m.epochs, "lr": m.lr, **({"base": m.base} if m.base else {}),
+             **({"optim": {g: o.model_dump(mode="json", exclude_unset=True) for g, o in m.optim.items()}}
+                if m.optim else {}),
              **m.params.model_dump(mode="json")}
             for m in self.methods
         ]

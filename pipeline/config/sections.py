@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from exporters.forms import FORMS, OPTIONAL
+from pipeline.methods.base import GROUPS, GroupOptions
 
 
 class Strict(BaseModel):
@@ -90,11 +91,21 @@ class TrainConfig(Strict):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    head_lr_scale: float = Field(10.0, gt=0, description="head lr = lr x this (the head starts from random)")
+    head_lr_scale: float = Field(10.0, gt=0, description="an SGD head's lr = lr x this (the head starts from random)")
+    optim: dict[str, GroupOptions] = Field(
+        default_factory=dict, description="per parameter group, for every entry: laid over the methods' own "
+                                          "defaults, under each entry's optim")
     recalibrate_norms: bool = Field(True, description="re-estimate BatchNorm statistics on the train split at the end")
     augment: str = Field("none", description="none | standard (RandomResizedCrop + flip) | a timm auto-augment "
                                              "string (rand-m9-mstd0.5), on top of the standard crop and flip")
     sync_bn: bool = Field(False, description="SyncBatchNorm across the processes of a torchrun (CUDA only)")
+
+    @field_validator("optim")
+    @classmethod
+    def _groups(cls, optim: dict) -> dict:
+        if unknown := sorted(set(optim) - set(GROUPS)):
+            raise ValueError(f"unknown parameter group(s) {unknown}; groups: {list(GROUPS)}")
+        return optim
 
     @field_validator("augment")
     @classmethod
@@ -164,9 +175,11 @@ class ChecksConfig(Strict):
     lossy form (FP16, INT8) that loses more accuracy is not shipped (its reason in forms.json)."""
 
     fold_max_abs_diff: float = Field(1e-3, gt=0, description="merged vs adapted model, max abs logit difference "
-                                                             "(float32; argmax must agree on every image)")
+                                                             "x the largest logit when over 1 (float32; argmax must "
+                                                             "agree on every image)")
     onnx_max_abs_diff: float = Field(1e-2, gt=0, description="an exported graph vs its reference (ONNX vs torch, a "
-                                                             "shared/switch/branch form vs merged)")
+                                                             "shared/switch/branch form vs merged), x the largest "
+                                                             "logit when over 1")
     min_argmax_agree: float = Field(0.99, ge=0, le=1, description="share of test images whose class agrees, exports")
     max_accuracy_drop: float = Field(0.15, ge=0, le=1, description="a lossy form's test accuracy below FP32's by more "
                                                                     "than this is not shipped")

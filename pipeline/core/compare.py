@@ -18,14 +18,15 @@ def _numpy(x) -> np.ndarray:
 
 
 def compare_logits(reference, candidate, labels=None) -> dict[str, float]:
-    """Max abs difference and argmax agreement of two (N, classes) logit arrays, and the
-    accuracy of both when ``labels`` are given. Non-finite logits give an infinite difference."""
+    """Max abs difference and argmax agreement of two (N, classes) logit arrays, the largest
+    reference logit (``scale``: float32 rounding grows with it), and the accuracy of both when
+    ``labels`` are given. Non-finite logits give an infinite difference."""
     ref, got = _numpy(reference), _numpy(candidate)
     diff = np.abs(ref - got)
     finite = bool(np.isfinite(ref).all() and np.isfinite(got).all())
     out = {"max_abs_diff": float(diff.max()) if finite and diff.size else (0.0 if finite else math.inf),
            "argmax_agree": float((ref.argmax(1) == got.argmax(1)).mean()) if len(ref) else 1.0,
-           "images": int(len(ref))}
+           "images": int(len(ref)), "scale": float(np.abs(ref).max()) if finite and ref.size else 0.0}
     if labels is not None:
         y = _numpy(labels).astype(np.int64)
         out["accuracy"] = float((got.argmax(1) == y).mean())
@@ -43,3 +44,10 @@ def model_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int =
             if len(images) else torch.empty(0)
     finally:
         model.train(was)
+
+
+def within(check: dict, tol: float) -> bool:
+    """Is the check's max difference within ``tol``, relative to its logits' scale when that
+    exceeds 1 (a model with logits near 100 differs from itself by 1e-2 in float32 after a
+    reordered sum; an absolute bound would fail it). NaN is never within."""
+    return check["max_abs_diff"] <= tol * max(1.0, check.get("scale", 0.0))

@@ -41,6 +41,15 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NormsConfig(MethodConfig):
+    """For methods with task norms: whose BatchNorm statistics they use."""
+
+    norm_stats: Literal["task", "base"] = Field(
+        "task", description="task: BatchNorm trains on batch statistics and its running statistics are re-estimated "
+                            "on the task (stored); base: the pretrained statistics stay (eval mode), only the affine "
+                            "parameters train and are stored")
+
+
 class Facts(BaseModel):
     """What a method tells the report about one trained task; stored as ``describe`` in the
     unit's result.json and read back with ``Method.Facts.model_validate``."""
@@ -49,15 +58,33 @@ class Facts(BaseModel):
 
 
 class GroupOptions(BaseModel):
-    """Optimiser settings of one parameter group. ``lr`` wins over ``lr_scale`` (x the entry's lr);
-    a group with another ``phase`` than ``weights`` trains in its own pass on its own split."""
+    """Optimiser settings of one parameter group; a field left out inherits (the ``train``
+    section, then the method's defaults, then the entry's ``optim``). ``lr`` wins over
+    ``lr_scale`` (x the entry's lr). ``warmup_epochs``: a linear ramp of the group's lr before
+    the cosine decay; ``clip``: the group's gradient norm is clipped to it; a group with another
+    ``phase`` than ``weights`` trains in its own pass on its own split (AdaShare's policy)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] | None = None
     lr: float | None = Field(None, gt=0)
-    lr_scale: float = Field(1.0, gt=0)
-    phase: Literal["weights", "policy"] = "weights"
+    lr_scale: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0)
+    clip: float | None = Field(None, gt=0)
+    phase: Literal["weights", "policy"] | None = None
+
+    def over(self, other: "GroupOptions | None") -> "GroupOptions":
+        """These options with every field ``other`` sets replaced by ``other``'s. Another
+        optimiser without its own ``lr`` drops the inherited ``lr`` (an Adam lr means nothing to
+        SGD), so the group falls back to ``lr_scale`` x the entry's lr."""
+        if other is None:
+            return self
+        update = {k: getattr(other, k) for k in other.model_fields_set}
+        if "optimizer" in update and update["optimizer"] != self.optimizer and "lr" not in update:
+            update["lr"] = None
+        return self.model_copy(update=update)
 
 
 @dataclass
@@ -86,9 +113,14 @@ class Method:
     def regulariser(self, model: nn.Module, epoch: int) -> torch.Tensor | None:
         return None
 
+    @property
+    def task_statistics(self) -> bool:
+        """Do the task's own BatchNorm statistics replace the base's (train-mode norms, re-estimated)?"""
+        return self.task_norms and getattr(self.config, "norm_stats", "task") == "task"
+
     def train_mode(self, model: nn.Module) -> None:
         model.train()
-        if not self.task_norms:
+        if not self.task_statistics:
             for m in model.features.modules():
                 if isinstance(m, NORM_TYPES):
                     m.eval()

@@ -27,6 +27,8 @@ class Schedule:
     head_lr_scale: float = 1.0  # the new, randomly initialised head learns this much faster
     recalibrate_norms: bool = True
     lr_source: str = "train.lr"  # the config field the lr comes from, for messages that say what to change
+    groups: dict[str, Any] = field(default_factory=dict)  # group -> GroupOptions the entry sets (its ``optim``)
+    run_groups: dict[str, Any] = field(default_factory=dict)  # group -> GroupOptions of ``train.optim``
 
 
 @dataclass

@@ -30,11 +30,11 @@ from torch.nn.utils import parametrize
 
 from pipeline.core.backbones import TaskNet
 from pipeline.core.delta import CPPart, LowRank, TaskDelta
-from pipeline.methods.base import Facts, IncrementalMethod, MethodConfig
+from pipeline.methods.base import Facts, GroupOptions, IncrementalMethod, NormsConfig
 from pipeline.methods.layers import head_entry, norm_entries, parametrized_layers
 
 
-class FtnConfig(MethodConfig):
+class FtnConfig(NormsConfig):
     rank: int = Field(1, ge=1, description="default CP rank R per layer")
     rank_overrides: dict[str, int] = Field(
         default_factory=dict,
@@ -45,6 +45,10 @@ class FtnConfig(MethodConfig):
     attention_init_std: float = Field(0.05, gt=0, description="std of the N(0, std) init of attention factors")
     task_norms: bool = Field(True, description="train task-specific norms, as the paper; False keeps the base's "
                                                "norms and statistics (frozen, in eval mode)")
+    norm_stats: Literal["task", "base"] = Field(
+        "base", description="base (default): the task norms keep the pretrained statistics and train their affine "
+                            "parameters (quickstart: 0.8425 mean accuracy against 0.8385 without task norms); task: "
+                            "batch statistics while training, re-estimated on the task (the paper)")
     init: Literal["paper", "zero"] = Field(
         "paper", description="paper: random factors as in the paper; zero: last factor zero, so training starts "
                              "exactly at the pretrained model (as LoRA does)")
@@ -149,6 +153,16 @@ class Ftn(IncrementalMethod):
     def group_of(self, name: str) -> str:
         return "factors" if ".parametrizations.weight.0.factors." in name else "body"
 
+    def group_options(self) -> dict[str, GroupOptions]:
+        """The factors under Adam at 1e-2 after a one-epoch warm-up (the paper: one SGD lr for
+        everything). The paper's init moves the features before any step; under SGD at the
+        entry's lr, with an SGD head at 10x, the quickstart's mean accuracy was 0.561 (one task at
+        0.23); this recipe, with the task norms under Adam at 1e-3, gives 0.8425 at rank 1.
+        ``norm_stats: task`` with ``train.optim`` and ``optim`` setting every group to
+        ``{optimizer: sgd, warmup_epochs: 0}`` is the paper's setting."""
+        return {"factors": GroupOptions(optimizer="adam", lr=1e-2, warmup_epochs=1),
+                "norms": GroupOptions(optimizer="adam", lr=1e-3, warmup_epochs=1)}
+
     def rank_for(self, path: str) -> int:
         cfg = self.config
         if not any(fnmatch.fnmatchcase(path, pat) for pat in cfg.layers):
@@ -175,7 +189,7 @@ class Ftn(IncrementalMethod):
         for path, _, a in adapters(model):
             lr = a.lowrank()
             entries[path] = LowRank([CPPart([f.detach().clone() for f in p.factors], p.rows) for p in lr.parts])
-        norms = norm_entries(model) if self.task_norms else {}
+        norms = norm_entries(model, self.task_statistics) if self.task_norms else {}
         return TaskDelta(task, self.name, entries | norms | head_entry(model))
 
     def describe(self, model: TaskNet, task: str) -> FtnFacts:

@@ -45,11 +45,15 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in own_tensors(module).items() if v.is_floating_point()}
 
 
-def norm_entries(model: TaskNet) -> dict[str, Norm]:
+def norm_entries(model: TaskNet, statistics: bool = True) -> dict[str, Norm]:
+    """Every norm layer's task values: affine parameters, and running statistics unless the
+    task keeps the base's (``statistics`` False)."""
     out = {}
     for p, m in model.features.named_modules():
-        if isinstance(m, NORM_TYPES) and (values := _snapshot(m)):
-            out[f"features.{p}"] = Norm(values)
+        if isinstance(m, NORM_TYPES):
+            values = _snapshot(m) if statistics else {k: v.detach().clone() for k, v in m.named_parameters(recurse=False)}
+            if values:
+                out[f"features.{p}"] = Norm(values)
     return out
 
 

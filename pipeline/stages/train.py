@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from pipeline.config import MethodEntry
 from pipeline.core.backbones import TaskNet
 from pipeline.core.bundle import base_state
+from pipeline.core.compare import within
 from pipeline.core.delta import TaskDelta, read_delta, write_delta
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.fold import compare, merge
@@ -62,7 +63,7 @@ def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
     i = ctx.cfg.methods.index(entry)
     return Schedule(entry.epochs if entry.epochs is not None else t.epochs, t.batch_size,
                     entry.lr if entry.lr is not None else t.lr, t.momentum, t.weight_decay, t.head_lr_scale,
-                    t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr")
+                    t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr", dict(entry.optim), dict(t.optim))
 
 
 def unit_hash(ctx: StageContext, entry: MethodEntry, task, joint_hashes: dict[str, str], earlier: list[str] = (),
@@ -164,9 +165,10 @@ def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: s
     merged = merge(base, delta).to(device)
     check = compare(model, merged, ctx.images(delta.task, limit=256).to(device))
     tol = ctx.cfg.checks.fold_max_abs_diff
-    if not check["max_abs_diff"] <= tol or check["argmax_agree"] < 1.0:  # NaN fails the first test too
+    if not within(check, tol) or check["argmax_agree"] < 1.0:  # NaN fails the first test too
         raise FoldError(f"{tag}: the merged model differs from the trained one on the test images: max |logit "
-                        f"difference| {check['max_abs_diff']:.3g} (checks.fold_max_abs_diff {tol:g}), argmax agreement "
+                        f"difference| {check['max_abs_diff']:.3g} (checks.fold_max_abs_diff {tol:g} x the largest "
+                        f"logit {max(1.0, check['scale']):.3g}), argmax agreement "
                         f"{check['argmax_agree']:.4f}; nothing of this unit was written")
     return check
 

@@ -161,7 +161,7 @@ def train_task(backbone: Backbone, data: TaskData, method: IncrementalMethod, sc
     ckpt = Path(workdir) / "checkpoint.pt" if workdir is not None else None
     loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt, log)
     record = loop.run(lambda epoch: trainer.epoch(epoch, loop.record))
-    if loop.finished and schedule.recalibrate_norms and method.task_norms:
+    if loop.finished and schedule.recalibrate_norms and method.task_statistics:
         t0 = time.perf_counter()
         recalibrate_norms(model, data.train_eval, rt, schedule.batch_size)
         check_finite(model, f"{method.name}/{data.name} (BatchNorm re-estimated)", schedule.lr, schedule.lr_source,

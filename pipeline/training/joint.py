@@ -231,7 +231,7 @@ def run_joint(backbone: Backbone, tasks: dict[str, TaskData], method: JointMetho
     model, rt = trainer.model, trainer.runtime
     loop = Loop(schedule.epochs, seed, trainer.stateful(), ckpt, signature, stop_after_epoch, rt, log)
     record = loop.run(lambda epoch: trainer.epoch(epoch, loop.record))
-    if loop.finished and schedule.recalibrate_norms and method.task_norms:
+    if loop.finished and schedule.recalibrate_norms and method.task_statistics:
         t0 = time.perf_counter()
         recalibrate_task_norms(model, {t: d.train_eval for t, d in tasks.items()}, rt, schedule.batch_size)
         check_finite(model, f"{method.name} (joint, BatchNorm re-estimated)", schedule.lr, schedule.lr_source,

@@ -112,7 +112,7 @@ class AdaShare(JointMethod):
         return "policy" if name.endswith(".logits") else "body"
 
     def group_options(self) -> dict[str, GroupOptions]:
-        return {"policy": GroupOptions(optimizer="adam", lr=self.config.policy_lr, phase="policy")}
+        return {"policy": GroupOptions(optimizer="adam", lr=self.config.policy_lr, weight_decay=0.0, phase="policy")}
 
     def phases(self, epoch: int) -> tuple[str, ...]:
         if self.stage == "search" and epoch >= self.config.warmup_epochs:

@@ -133,7 +133,7 @@ class Cwps(PoolMethod):
                 else None
             entries[path] = ChannelSelect(own.clone(), child[own].contiguous().clone(), pointer_tensor(pointers, sources),
                                           sources, bias)
-        delta = TaskDelta(task, self.name, entries | norm_entries(model) | head_entry(model))
+        delta = TaskDelta(task, self.name, entries | norm_entries(model, self.task_statistics) | head_entry(model))
         return delta.link(self.context.versions if self.context is not None else {})
 
     def bundle_deltas(self, final: dict[str, str], versions: dict[str, TaskDelta]) -> list[TaskDelta]:

@@ -8,11 +8,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipeline.methods.base import Facts, MethodConfig
+from pipeline.methods.base import Facts, NormsConfig
 from pipeline.methods.layers import parametrized_layers
 
 
-class CwpsConfig(MethodConfig):
+class CwpsConfig(NormsConfig):
     lam: float = Field(0.5, ge=0, le=1, description="hard-mask threshold: a channel stays own when sigmoid(s) >= lam "
                                                     "(0: every channel own, fine-tune; 1: every channel the parent's)")
     distance: Literal["l2", "cosine"] = Field("l2", description="kernel distance of the parent search")

@@ -7,18 +7,23 @@ parametrisations of ``weight``, so a layer keeps its own class and forward.
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import Field
 from torch import nn
 
-from pipeline.methods.base import Facts, MethodConfig
+from pipeline.methods.base import Facts, NormsConfig
 from pipeline.methods.multitask import TaskSwitch
 
 
-class TapsConfig(MethodConfig):
+class TapsConfig(NormsConfig):
     lam: float = Field(1.0, ge=0, description="L1 weight on the gate scores (the paper's lambda)")
     tau: float = Field(0.1, description="gate threshold")
     score_init: float = Field(0.15, description="initial score (above tau: every layer starts gated on)")
     l1_warmup_epochs: int = Field(1, ge=0, description="epochs before the L1 term is switched on")
+    penalty: Literal["uniform", "params"] = Field(
+        "uniform", description="uniform: every layer's score weighs the same (the paper); params: each score "
+                               "weighs its layer's share of the parameters (x L), so lam prices storage")
 
 
 class TapsFacts(Facts):
@@ -67,11 +72,18 @@ class JointTapsGate(nn.Module, TaskSwitch):
         return weight + straight_through_gate(self.scores[self.active], self.tau) * self.deltas[self.active]
 
 
-def l1_penalty(config: TapsConfig, scores: torch.Tensor, layers: int, epoch: int) -> torch.Tensor | None:
-    """``(lam / L) sum |s|`` once the warm-up is over (``scores``: every layer's, every task's)."""
+def l1_penalty(config: TapsConfig, scores: torch.Tensor, sizes: list[int], epoch: int) -> torch.Tensor | None:
+    """``(lam / L) sum_i w_i |s_i|`` once the warm-up is over (``scores``: every layer's, first
+    dimension the L layers, then tasks; ``sizes``: each layer's parameter count). ``w_i`` is 1
+    (uniform) or ``L n_i / sum n`` (params): a layer costs what it would store."""
     if config.lam == 0 or epoch < config.l1_warmup_epochs:
         return None
-    return config.lam / layers * scores.abs().sum()
+    layers = len(sizes)
+    abs_scores = scores.abs().reshape(layers, -1)
+    if config.penalty == "params":
+        n = torch.tensor(sizes, dtype=scores.dtype, device=scores.device)
+        abs_scores = abs_scores * (layers * n / n.sum())[:, None]
+    return config.lam / layers * abs_scores.sum()
 
 
 def facts(layers: list[tuple[str, nn.Module]], scores: list[float], on: list[bool]) -> TapsFacts:

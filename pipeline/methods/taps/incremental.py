@@ -36,12 +36,13 @@ class Taps(IncrementalMethod):
 
     def regulariser(self, model: TaskNet, epoch: int) -> torch.Tensor | None:
         layers = gates(model)
-        return l1_penalty(self.config, torch.stack([g.score for _, _, g in layers]), len(layers), epoch)
+        return l1_penalty(self.config, torch.stack([g.score for _, _, g in layers]),
+                          [m.parametrizations.weight.original.numel() for _, m, _ in layers], epoch)
 
     def task_delta(self, model: TaskNet, task: str) -> TaskDelta:
         layers = gates(model)
         entries = {path: Replace({"weight": m.weight.detach().clone()}) for path, m, g in layers if g.is_on()}
-        return TaskDelta(task, self.name, entries | norm_entries(model) | head_entry(model), gate_bits=len(layers))
+        return TaskDelta(task, self.name, entries | norm_entries(model, self.task_statistics) | head_entry(model), gate_bits=len(layers))
 
     def describe(self, model: TaskNet, task: str) -> TapsFacts:
         layers = gates(model)

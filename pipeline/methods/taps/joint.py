@@ -45,7 +45,8 @@ class JointTaps(JointMethod):
 
     def regulariser(self, model: MultiTaskNet, epoch: int) -> torch.Tensor | None:
         layers = joint_gates(model)
-        return l1_penalty(self.config, torch.stack([g.scores for _, _, g in layers]), len(layers), epoch)
+        return l1_penalty(self.config, torch.stack([g.scores for _, _, g in layers]),
+                          [m.parametrizations.weight.original.numel() for _, m, _ in layers], epoch)
 
     def task_delta(self, model: MultiTaskNet, task: str) -> TaskDelta:
         model.use(task)
