@@ -7,6 +7,7 @@ from pipeline.methods.base import IncrementalMethod, JointMethod, Method, PoolMe
 from pipeline.methods.baselines import FineTune, JointFineTune, LinearProbe, NormHead
 from pipeline.methods.cwps import Cwps
 from pipeline.methods.ftn import Ftn
+from pipeline.methods.lora import Lora
 from pipeline.methods.taps import JointTaps, Taps
 
 REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
@@ -16,6 +17,7 @@ REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
     Taps,
     Ftn,
     Cwps,
+    Lora,
     JointFineTune,
     JointTaps,
     AdaShare,

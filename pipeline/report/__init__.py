@@ -23,6 +23,10 @@ def write_report(cfg, run: RunDir, timings: dict) -> dict:
     for label, entry in res["methods"].items():
         sections[label] = REGISTRY[entry["method"]].report(label, entry, run.plots)
         plots |= sections[label].plots
+    from pipeline.planner import plans_section
+
+    plan_lines, plan_plots = plans_section(run, run.plots)
+    plots |= plan_plots
     deploy_plot = None
     if devices := res["deployment"]["devices"]:
         deploy_plot = "deployment_storage_vs_latency.png"
@@ -30,7 +34,8 @@ def write_report(cfg, run: RunDir, timings: dict) -> dict:
     rel = {title: f"{run.rel(run.plots)}/{name}" for title, name in plots.items()}
     write_json(run.results_file, res)
     with atomic_path(run.report_file) as tmp:
-        tmp.write_text(markdown(res, sections, rel, f"{run.rel(run.plots)}/{deploy_plot}" if deploy_plot else None))
+        tmp.write_text(markdown(res, sections, rel, f"{run.rel(run.plots)}/{deploy_plot}" if deploy_plot else None,
+                                plan_lines))
     return {"results": run.rel(run.results_file), "report": run.rel(run.report_file),
             "plots": list(rel.values()) + ([f"{run.rel(run.plots)}/{deploy_plot}"] if deploy_plot else [])}
 

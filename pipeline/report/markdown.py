@@ -24,6 +24,29 @@ def joint_table(res: dict) -> list[str]:
     return lines
 
 
+def baseline_table(res: dict, baseline: str = "lora") -> list[str]:
+    """Every entry against the baseline users already know (LoRA): is it more accurate than a
+    baseline entry that stores at least as much? An entry that is not says so."""
+    refs = {lb: m for lb, m in res["methods"].items() if m["method"] == baseline and m["n_x_base"] is not None}
+    if not refs:
+        return []
+    rows = []
+    for label, m in res["methods"].items():
+        if m["method"] == baseline or m["n_x_base"] is None:
+            continue
+        # the baselines this entry must beat: those storing as much or more
+        bigger = [(lb, r) for lb, r in refs.items() if r["n_x_base"] >= m["n_x_base"] - 1e-9]
+        if not bigger:
+            rows.append([label, f"{m['n_x_base']:.3f}", f"{m['mean_test_acc']:.4f}", "-",
+                         "stores more than every LoRA entry"])
+            continue
+        lb, r = max(bigger, key=lambda x: x[1]["mean_test_acc"])
+        verdict = "above" if m["mean_test_acc"] > r["mean_test_acc"] else "**below**, with no more storage"
+        rows.append([label, f"{m['n_x_base']:.3f}", f"{m['mean_test_acc']:.4f}",
+                     f"{lb}: {r['mean_test_acc']:.4f} at {r['n_x_base']:.3f}x", verdict])
+    return md_table(["entry", "N x base", "mean test acc", "best LoRA entry storing as much or more", "verdict"], rows)
+
+
 def sweeps(res: dict) -> list[dict]:
     """Runs of one method that differ in exactly one numeric parameter (3 or more): a sweep,
     e.g. FTN over rank or TAPS over lambda. Sorted by the parameter's value."""
@@ -71,7 +94,8 @@ def passes_table(method: dict) -> list[str]:
     return md_table(["task", *(f"pass {p}" for p in range(1, n + 1)), "kept"], rows)
 
 
-def markdown(res: dict, sections: dict, plots: dict[str, str], deploy_plot: str | None) -> str:
+def markdown(res: dict, sections: dict, plots: dict[str, str], deploy_plot: str | None,
+             extra: list[str] = ()) -> str:
     """``sections``: label -> the method's own ``ReportSection``; ``plots``: title -> path, shown at
     the end; ``deploy_plot``: the deployment section's plot."""
     tasks = list(res["tasks"])
@@ -94,6 +118,10 @@ def markdown(res: dict, sections: dict, plots: dict[str, str], deploy_plot: str 
                   "Joint entries train every task at once (shared weights, per-task norms and heads); their "
                   "N x base counts the jointly trained shared weights once. \"incremental from X\" starts each "
                   "task from joint entry X's shared weights.", ""] + joint_table(res)
+    if table := baseline_table(res):
+        lines += ["", "## Against the LoRA baseline", "",
+                  "Each entry against the most accurate LoRA entry that stores as much or more (the same data, "
+                  "ledger and recipe machinery): a compact method earns its place when it is above.", ""] + table
     base = res["base"]
     if base.get("ledger"):
         lines += ["", f"Base: {base['ledger']['params']:,} params, {base['ledger']['bytes_on_disk']:,} bytes on disk."]
@@ -121,6 +149,7 @@ def markdown(res: dict, sections: dict, plots: dict[str, str], deploy_plot: str 
                           "kept = best validation.", ""] + passes
     for sweep in sweeps(res):
         lines += ["", f"## Sweep: {sweep['method']} over {sweep['param']}", ""] + _sweep_table(res, sweep)
+    lines += list(extra)
     lines += deploy_section(res["deployment"], deploy_plot)
     for title, rel in plots.items():
         lines += ["", f"## {title}", "", f"![{title}]({rel})"]

@@ -99,12 +99,13 @@ class LowRank(Delta):
         factors = self.parts[0].factors
         if isinstance(module, nn.Conv2d) and module.groups == 1 and module.out_channels > 1:
             k = module.kernel_size[0] * module.kernel_size[1]
-            axes = [n for n in (module.out_channels, module.in_channels, k) if n != 1]
+            layouts = ([n for n in (module.out_channels, module.in_channels, k) if n != 1],  # FTN: CP over 3 axes
+                       [module.out_channels, module.in_channels * k])  # LoRA: B, and A over (in, kh, kw)
         elif isinstance(module, nn.Linear) and module.out_features > 1:
-            axes = [n for n in (module.out_features, module.in_features) if n != 1]
+            layouts = ([n for n in (module.out_features, module.in_features) if n != 1],)
         else:
             return None
-        if len(axes) < 2 or [f.shape[1] for f in factors] != axes:
+        if not any(len(axes) >= 2 and [f.shape[1] for f in factors] == axes for axes in layouts):
             return None
         return LowRankBranch(module, factors)
 
