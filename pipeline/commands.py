@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.training.runtime import world_from_env
 
     if args.dry_run:
-        from pipeline.stages.plan import MISSING_DATA, plan
+        from pipeline.stages.dryrun import MISSING_DATA, plan
 
         cfg = load_config(args.config, check_paths=False)
         p = plan(cfg, world_from_env()[1])
@@ -195,4 +195,24 @@ def doctor(args: argparse.Namespace) -> int:
     from pipeline.doctor import report
 
     print(report())
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from pipeline.planner import plan as choose_plan
+
+    def ratio(flag: str, text: str | None) -> float | None:
+        if text is None:
+            return None
+        try:
+            value = float(text.lower().removesuffix("x"))
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: expected a ratio like 1.2x") from None
+        if not value > 0:
+            raise ConfigError(f"{flag} {text!r}: must be above 0")
+        return value
+
+    record = choose_plan(Path(args.run_dir), ratio("--budget", args.budget), ratio("--latency", args.latency), args.name)
+    print(f"wrote {Path(args.run_dir) / record['bundle']} and its plan.json; `taskfold run` (report stage) adds it "
+          "to report.md")
     return 0

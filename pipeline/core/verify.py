@@ -111,9 +111,10 @@ def _base(root: Path, m: Manifest, expect_backbone: str | None):
 def _task(root: Path, m: Manifest, task: str, base) -> TaskDelta:
     path = root / task_file(task)
     delta = read_delta(path)  # a file that is not a safetensors delta is a BundleError naming it
-    if delta.task != task or delta.method != m.method["name"]:
+    expected = (m.method.get("tasks") or {}).get(task, m.method["name"])  # a plan mixes methods, one per task
+    if delta.task != task or delta.method != expected:
         raise BundleError(f"{path}: holds task {delta.task!r} of method {delta.method!r}, the manifest says task "
-                          f"{task!r} of {m.method['name']!r}")
+                          f"{task!r} of {expected!r}")
     names = m.tasks[task].classes
     if names is not None and len(names) != m.tasks[task].num_classes:
         raise BundleError(f"{root / 'manifest.json'}: tasks.{task}.classes names {len(names)} classes, num_classes "
