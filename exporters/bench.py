@@ -10,15 +10,16 @@ between tasks already resident (the switch form's session, the shared base weigh
 * shared: new session whose base weights are already resident (``add_initializer``);
 * switch: load the task's adapter file into the resident session.
 
-Resident memory is measured in a fresh interpreter per form: RSS after loading the K
-tasks and running each once, minus RSS before. Memory is read from ``/proc`` (Linux).
+Resident memory is measured in a fresh process per form: RSS after loading the K tasks and
+running each once, minus RSS before. The processes are forked from one server that has
+imported onnxruntime already (multiprocessing's forkserver with preloaded modules), so a probe
+costs a fork, not an interpreter start. Memory is read from ``/proc`` (Linux).
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import median
 from typing import Callable
@@ -65,18 +66,25 @@ def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int
     return _rss_mb() - before
 
 
-def resident_mb(exports: Path, form: str, spec: dict, image_size: int, threads: int) -> float | None:
-    """``_resident`` in a fresh interpreter, so earlier sessions and allocator state do not count."""
-    if not Path("/proc/self/status").exists():
+def memory_probes() -> ProcessPoolExecutor | None:
+    """A pool whose every probe runs in a process of its own, forked from a server with
+    onnxruntime and this module imported; None where ``/proc`` or forkserver is missing."""
+    if not Path("/proc/self/status").exists() or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
-    code = ("import json, sys; from exporters.bench import _resident; "
-            "a = json.loads(sys.stdin.read()); print(_resident(*a))")
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([str(exports), form, spec, image_size, threads]),
-                          capture_output=True, text=True, cwd=root, check=False)
-    if done.returncode:
-        raise RuntimeError(f"resident-memory probe failed: {done.stderr.strip()[-500:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["onnxruntime", "exporters.bench"])
+    return ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
+
+
+def resident_mb(probes: ProcessPoolExecutor | None, exports: Path, form: str, spec: dict, image_size: int,
+                threads: int) -> float | None:
+    """``_resident`` in a process of its own, so earlier sessions and allocator state do not count."""
+    if probes is None:
+        return None
+    try:
+        return probes.submit(_resident, str(exports), form, spec, image_size, threads).result()
+    except Exception as err:  # the probe's own error, with its type: a bench must say why memory is missing
+        raise RuntimeError(f"resident-memory probe of {form} failed: {type(err).__name__}: {err}") from err
 
 
 def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[int], warmup: int, runs: int,
@@ -99,6 +107,24 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
     base_bytes = (exports / "base.onnx").stat().st_size
     out = {"providers": loader.providers, "base": {f"batch{bs}": latency[bs]["base"] for bs in batch_sizes},
            "base_bytes": base_bytes, "methods": {}}
+    probes = memory_probes() if memory else None
+    try:
+        _rows(out, specs, exports, loader, latency, batch_sizes, image_size, threads, probes, switch_repeats, log)
+    finally:
+        if probes is not None:
+            probes.shutdown()
+    for label, rows in out["methods"].items():
+        ref = rows["merged"]
+        for row in rows.values():
+            row["bytes_vs_merged"] = row["bytes"] / ref["bytes"]
+            if row.get("resident_mb") is not None and ref.get("resident_mb"):
+                row["resident_vs_merged"] = row["resident_mb"] / ref["resident_mb"]
+    return out
+
+
+def _rows(out: dict, specs: dict, exports: Path, loader: Loader, latency: dict, batch_sizes: list[int],
+          image_size: int, threads: int, probes, switch_repeats: int, log: Callable[[str], None]) -> None:
+    """One row per (method, form): latency ratios, switch time, bytes, resident memory."""
     for (label, form), spec in specs.items():
         tasks = list(spec["tasks"])
         row = {"tasks": len(tasks), "bytes": spec.get("bytes"), "latency": {}}
@@ -108,15 +134,8 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
             row["latency"][f"batch{bs}"] = {"median_ms": ms, "ratio_to_base": ms / latency[bs]["base"]["median_ms"],
                                             "ratio_to_merged": ms / merged}
         row["switch_ms"] = switch_ms(loader, form, spec, image_size, switch_repeats)
-        if memory:
-            row["resident_mb"] = resident_mb(exports, form, spec, image_size, threads)
+        if probes is not None:
+            row["resident_mb"] = resident_mb(probes, exports, form, spec, image_size, threads)
         out["methods"].setdefault(label, {})[form] = row
         log(f"  {label}/{form}: {row['bytes']:,} bytes for {len(tasks)} tasks, switch {row['switch_ms']:.1f} ms"
             + (f", resident {row['resident_mb']:.1f} MB" if row.get("resident_mb") is not None else ""))
-    for label, rows in out["methods"].items():
-        ref = rows["merged"]
-        for row in rows.values():
-            row["bytes_vs_merged"] = row["bytes"] / ref["bytes"]
-            if row.get("resident_mb") is not None and ref.get("resident_mb"):
-                row["resident_vs_merged"] = row["resident_mb"] / ref["resident_mb"]
-    return out

@@ -71,7 +71,7 @@ def export_bundles(bundles: dict, out: Path, forms: list[str] | None = None, ima
             flops[f"{label}/{task}"] = count_flops(merged, size)
             exporter.export(merged, out / rel, metadata(label, task, bundle))
             given = images.get(task)
-            check = parity(merged, session(out / rel, threads), (given or synthetic_images(size)).batches())
+            check = parity(merged, session(out / rel, threads), (given or synthetic_images(size)).exact_batches())
             if reason := thresholds.verdict(check, lossy=False):
                 (out / rel).unlink(missing_ok=True)
                 raise CheckFailed(f"{out / rel}: ONNX Runtime does not reproduce torch on the "

@@ -1,5 +1,7 @@
 """The images a task's exports are checked on: a few calibration images (INT8) and the test
-split, streamed batch by batch (a real test split does not fit in memory at 224 px)."""
+split, streamed batch by batch (a real test split does not fit in memory at 224 px). Exact
+checks (a graph against torch, a form against merged) only need to show the same function, so
+they run on the first ``exact_limit`` test images; a lossy form's accuracy on all of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +15,19 @@ class TaskImages:
     calibration: np.ndarray  # (N, 3, S, S) float32, normalised: a few train images
     batches: Callable[[], Iterable[np.ndarray]]  # the test images, normalised float32 batches; re-iterable
     labels: np.ndarray  # the test labels, in the batches' order
+    exact_limit: int | None = None  # exact checks use the first this many test images (None: all)
+
+    def exact_batches(self) -> Iterable[np.ndarray]:
+        """The first ``exact_limit`` test images, in the same batches."""
+        if self.exact_limit is None:
+            yield from self.batches()
+            return
+        left = self.exact_limit
+        for x in self.batches():
+            if left <= 0:
+                return
+            yield x[:left]
+            left -= len(x)
 
     @classmethod
     def from_arrays(cls, calibration: np.ndarray, test: np.ndarray, labels: np.ndarray, batch: int = 256) -> "TaskImages":

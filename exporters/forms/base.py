@@ -48,19 +48,23 @@ class BuildContext:
     checks: dict[str, dict] = field(default_factory=dict)  # checks a form makes while building (branch vs torch)
     forms: dict[str, type] = field(default_factory=dict)  # the registry, for forms checked against another form
     _bases: dict[str, onnx.ModelProto] = field(default_factory=dict)
-    _logits: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    _logits: dict[tuple[str, str, bool], np.ndarray] = field(default_factory=dict)
 
     def merged_graphs(self, label: str, tasks: list[str]) -> dict[str, onnx.ModelProto]:
         if (label, "merged") not in self.graphs:
             self.graphs[label, "merged"] = {t: onnx.load(str(self.exports / label / f"{t}.onnx")) for t in tasks}
         return self.graphs[label, "merged"]
 
-    def merged_logits(self, label: str, task: str) -> np.ndarray:
-        """The merged model's test logits, the reference of every other form: computed once."""
-        if (label, task) not in self._logits:
-            self._logits[label, task] = logits(runner(self.loader.open(f"{label}/{task}.onnx")),
-                                               self.images[task].batches())
-        return self._logits[label, task]
+    def merged_logits(self, label: str, task: str, exact: bool = False) -> np.ndarray:
+        """The merged model's test logits, the reference of every other form: computed once per
+        image set (``exact``: the images of the exact checks)."""
+        if (label, task, exact) not in self._logits:
+            if not exact and (label, task, True) in self._logits and self.images[task].exact_limit is None:
+                return self._logits[label, task, True]
+            images = self.images[task]
+            self._logits[label, task, exact] = logits(runner(self.loader.open(f"{label}/{task}.onnx")),
+                                                      images.exact_batches() if exact else images.batches())
+        return self._logits[label, task, exact]
 
     def bundle_base(self, bundle) -> onnx.ModelProto:
         """The bundle's base as a graph, registered with the writer once per distinct base file.
@@ -116,15 +120,17 @@ class Form:
         return None
 
     def check(self, ctx: BuildContext, label: str, spec: dict) -> dict[str, dict]:
-        """Every task's outputs against the reference form's on its test split."""
+        """Every task's outputs against the reference form's: on the exact checks' test images,
+        or, for a lossy form, on the whole test split with its accuracy."""
         got = self.targets(ctx.loader, spec)
         ref = None if self.reference == "merged" else ctx.forms[self.reference]().targets(
             ctx.loader, ctx.specs[label][self.reference])
         out = {}
         for task, fn in got.items():
             images = ctx.images[task]
-            expected = ctx.merged_logits(label, task) if ref is None else logits(ref[task], images.batches())
-            out[f"{label}/{task}/{self.name}"] = compare_logits(expected, logits(fn, images.batches()),
+            batches = images.batches if self.lossy else images.exact_batches
+            expected = ctx.merged_logits(label, task, not self.lossy) if ref is None else logits(ref[task], batches())
+            out[f"{label}/{task}/{self.name}"] = compare_logits(expected, logits(fn, batches()),
                                                                 images.labels if self.lossy else None)
         return out
 

@@ -31,7 +31,7 @@ def branch_graphs(ctx: BuildContext, label: str, bundle) -> dict[str, onnx.Model
                 model = bundle.merged(t, branches=True)
                 path = ctx.exporter.export(model, Path(d) / f"{t}.onnx")
                 checks[f"{label}/{t}/branch_torch"] = parity(model, session(path, ctx.loader.threads),
-                                                             ctx.images[t].batches())
+                                                             ctx.images[t].exact_batches())
                 graphs[t] = onnx.load(str(path))
         ctx.graphs[label, "branch"] = graphs
         ctx.checks.update(checks)

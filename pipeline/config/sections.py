@@ -181,5 +181,8 @@ class ChecksConfig(Strict):
                                                              "shared/switch/branch form vs merged), x the largest "
                                                              "logit when over 1")
     min_argmax_agree: float = Field(0.99, ge=0, le=1, description="share of test images whose class agrees, exports")
+    images: int | None = Field(256, ge=1, description="exact export checks (ONNX vs torch, a form vs merged) run on "
+                                                      "the first this many test images of each task; null: all. A "
+                                                      "lossy form's accuracy is always on the whole test split")
     max_accuracy_drop: float = Field(0.15, ge=0, le=1, description="a lossy form's test accuracy below FP32's by more "
                                                                     "than this is not shipped")

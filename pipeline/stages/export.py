@@ -45,13 +45,25 @@ def test_batches(ctx: StageContext, task: str):
     return (x.numpy() for x, _ in ctx.data(task).test.batches(256))
 
 
+IN_MEMORY_BYTES = 256 << 20  # a test split this small is decoded once and kept for every check
+
+
 def task_images(ctx: StageContext, task: str):
-    """What the forms of a task are checked on: calibration images, the test split streamed."""
+    """What the forms of a task are checked on: calibration images, and the test split (decoded
+    once and kept when it is small, streamed for every check otherwise); exact checks on the
+    first ``checks.images`` of it."""
     import numpy as np
 
     from exporters.images import TaskImages
 
     data = ctx.data(task)
     calibration = data.train_eval.inputs(limit=ctx.cfg.export.calibration_images).numpy()
+    size = ctx.cfg.backbone.image_size
+    limit = ctx.cfg.checks.images
+    if len(data.test) * 3 * size * size * 4 <= IN_MEMORY_BYTES:
+        pairs = [(x.numpy(), y.numpy()) for x, y in data.test.batches(256)]
+        xs = [x for x, _ in pairs]
+        labels = np.concatenate([y for _, y in pairs]) if pairs else np.zeros(0, np.int64)
+        return TaskImages(calibration, lambda: iter(xs), labels, limit)
     labels = np.concatenate([y.numpy() for _, y in data.test.batches(256)])  # of the images that decode
-    return TaskImages(calibration, lambda: test_batches(ctx, task), labels)
+    return TaskImages(calibration, lambda: test_batches(ctx, task), labels, limit)
