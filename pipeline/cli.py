@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--warmup", type=int, help="untimed runs per target first")
     b.add_argument("--threads", type=int, help="intra-op threads (default: the run's run.threads)")
     b.add_argument("--no-memory", action="store_true", help="skip the resident-memory probes (CPU only anyway)")
+    b.add_argument("--prefer", choices=["storage", "latency", "memory"], default="storage",
+                   help="rank each method's forms by this first (then the other two)")
     b.set_defaults(fn=commands.bench)
     e = sub.add_parser("export", help="export a bundle on its own: merged ONNX per task and the deployment forms")
     e.add_argument("bundle", help="bundle directory")

@@ -79,7 +79,7 @@ def bench(args: argparse.Namespace) -> int:
     from exporters.bench import bench_forms
     from pipeline.core.io import write_json
     from pipeline.data.config import safe_name
-    from pipeline.report.deploy import forms_table
+    from pipeline.report.deploy import forms_table, ranking_lines
 
     for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 1)):
         if value is not None and value < low:
@@ -99,6 +99,7 @@ def bench(args: argparse.Namespace) -> int:
     out = bench_dir / f"{name}.json"
     write_json(out, res)
     print("\n".join(forms_table(res)))
+    print("\n".join(["", f"forms per method, best first by {args.prefer}:"] + ranking_lines(res, args.prefer)))
     print(f"wrote {out}" + ("; `taskfold run` (report stage) adds it to report.md" if bench_dir.parent != exports
                              else ""))
     return 0

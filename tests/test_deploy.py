@@ -26,6 +26,7 @@ from exporters.precision import Int8Recipe
 from pipeline.config import parse_config
 from pipeline.core.delta import CPPart, LowRank
 from pipeline.core.io import read_json
+from pipeline.report.deploy import rank_forms, ranking_lines, worse_than_merged
 from pipeline.stages.runner import Runner
 from tests.conftest import tiny_config
 
@@ -214,7 +215,8 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     assert nh["shared"]["bytes"] < nh["merged"]["bytes"]  # norms and head only, the convs in base.data once
     assert deploy["methods"]["ftn"]["branch"]["bytes"] < deploy["methods"]["ftn"]["shared"]["bytes"]
     # the CLI re-measures the same run and the report shows both
-    assert main(["bench", str(out), "--runs", "2", "--batch-sizes", "1", "--no-memory", "--name", "again"]) == 0
+    assert main(["bench", str(out), "--runs", "2", "--batch-sizes", "1", "--no-memory", "--name", "again",
+                 "--prefer", "latency"]) == 0
     assert "batch1" in read_json(out / "bench" / "again.json")["base"]
     if "CUDAExecutionProvider" not in _working_providers(exports / "base.onnx"):
         assert main(["bench", str(out), "--provider", "cuda", "--name", "gpu"]) == 2  # an error, not a CPU timing
@@ -222,6 +224,7 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run()
     report = (out / "report.md").read_text()
     assert "## Deployment" in report and "### again" in report and "Edge variants" in report
+    assert "by memory:" in report and "| verdict |" in report
     assert json.loads((out / "results.json").read_text())["deployment"]["devices"]
 
 
@@ -254,3 +257,24 @@ def test_no_onnxruntime_fails_before_any_work_with_how_to_install(tmp_path, monk
 def test_bench_needs_a_run_with_forms(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     assert "forms.json: not found" in capsys.readouterr().err
+
+
+def _row(bytes_vs_merged, lat1, lat8, resident=None, nbytes=100):
+    return {"bytes": nbytes, "bytes_vs_merged": bytes_vs_merged, "resident_mb": resident,
+            "latency": {"batch1": {"ratio_to_merged": lat1}, "batch8": {"ratio_to_merged": lat8}}}
+
+
+def test_forms_ranked_by_priority_and_forms_worse_on_both_axes_named():
+    rows = {"merged": _row(1.0, 1.0, 1.0, resident=100, nbytes=400),
+            "shared": _row(0.3, 1.02, 0.99, resident=110, nbytes=120),
+            "switch": _row(1.25, 3.1, 5.0, resident=60, nbytes=500),
+            "int8": _row(0.26, 0.8, 0.7, resident=None, nbytes=104)}
+    assert rank_forms(rows, "storage") == ["int8", "shared", "merged", "switch"]
+    assert rank_forms(rows, "latency") == ["int8", "merged", "shared", "switch"]
+    assert rank_forms(rows, "memory") == ["switch", "merged", "shared", "int8"]  # unmeasured memory last
+    assert worse_than_merged(rows["switch"]) and not worse_than_merged(rows["shared"])
+    assert not worse_than_merged(rows["merged"]) and not worse_than_merged(rows["int8"])
+    line = ranking_lines({"methods": {"ftn": rows}}, "storage")[0]
+    assert "switch (worse than merged on bytes and latency)" in line and "shared (worse" not in line
+    with pytest.raises(ValueError, match="prefer"):
+        rank_forms(rows, "speed")

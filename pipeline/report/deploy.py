@@ -11,21 +11,70 @@ from pipeline.core.text import fmt as _f
 from pipeline.core.text import md_table
 
 FORM_NOTES = {name: form.note for name, form in FORMS.items()}
+PRIORITIES = ("storage", "latency", "memory")
+
+
+def _latency(row: dict) -> float:
+    """A form's latency against merged, the mean over the measured batch sizes."""
+    ratios = [v["ratio_to_merged"] for v in row["latency"].values()]
+    return sum(ratios) / len(ratios) if ratios else float("inf")
+
+
+def worse_than_merged(row: dict) -> bool:
+    """More bytes than K merged models and slower than merged at every batch size: a form that
+    pays on both axes (it may still save resident memory, which the table shows)."""
+    lat = [v["ratio_to_merged"] for v in row["latency"].values()]
+    return (row.get("bytes_vs_merged") or 0) > 1 and bool(lat) and all(r > 1 for r in lat)
+
+
+def rank_forms(rows: dict[str, dict], prefer: str) -> list[str]:
+    """One method's forms, best first for ``prefer`` (storage: bytes on disk; latency: mean
+    ratio to merged; memory: resident MB for K tasks), ties broken by the other two in order."""
+    if prefer not in PRIORITIES:
+        raise ValueError(f"prefer {prefer!r}: one of {', '.join(PRIORITIES)}")
+    key = {"storage": lambda r: r["bytes"], "latency": _latency,
+           "memory": lambda r: r["resident_mb"] if r.get("resident_mb") is not None else float("inf")}
+    order = [prefer] + [p for p in PRIORITIES if p != prefer]
+    return sorted(rows, key=lambda f: tuple(key[p](rows[f]) for p in order))
+
+
+def ranking_lines(deploy: dict, prefer: str) -> list[str]:
+    """Per method: its forms ranked for ``prefer``, forms worse than merged on bytes and latency
+    marked so."""
+    lines = []
+    for label, rows in deploy["methods"].items():
+        ranked = [f + (" (worse than merged on bytes and latency)" if worse_than_merged(rows[f]) else "")
+                  for f in rank_forms(rows, prefer)]
+        lines.append(f"- {label}, by {prefer}: " + " > ".join(ranked))
+    return lines
 
 
 def forms_table(deploy: dict) -> list[str]:
     batches = list(deploy["base"])
     head = ("| method | form | bytes (K tasks) | x merged | resident MB | x merged | switch ms | "
-            + " | ".join(f"{b} ms | x base | x merged" for b in batches) + " |")
-    lines = [head, "|---|---|" + "---|" * (5 + 3 * len(batches))]
+            + " | ".join(f"{b} ms | x base | x merged" for b in batches) + " | verdict |")
+    lines = [head, "|---|---|" + "---|" * (6 + 3 * len(batches))]
     for label, rows in deploy["methods"].items():
         for form, r in rows.items():
             lat = " | ".join(f"{_f(r['latency'][b]['median_ms'], '.2f')} | {_f(r['latency'][b]['ratio_to_base'], '.3f')}"
                              f" | {_f(r['latency'][b]['ratio_to_merged'], '.3f')}" for b in batches)
             lines.append(f"| {label} | {form} | {_f(r['bytes'], ',')} | {_f(r.get('bytes_vs_merged'), '.3f')} | "
                          f"{_f(r.get('resident_mb'), '.1f')} | {_f(r.get('resident_vs_merged'), '.3f')} | "
-                         f"{_f(r['switch_ms'], '.1f')} | {lat} |")
+                         f"{_f(r['switch_ms'], '.1f')} | {lat} | {_verdict(form, r)} |")
     return lines
+
+
+def _verdict(form: str, row: dict) -> str:
+    if form == "merged":
+        return "reference"
+    if worse_than_merged(row):
+        return "**worse than merged on bytes and latency**" + (
+            ", less memory" if (row.get("resident_vs_merged") or 2) < 1 else "")
+    gains = [what for what, ratio in (("bytes", row.get("bytes_vs_merged")), ("memory", row.get("resident_vs_merged")))
+             if ratio is not None and ratio < 1]
+    if all(v["ratio_to_merged"] <= 1 for v in row["latency"].values()):
+        gains.append("latency")
+    return "saves " + ", ".join(gains) if gains else "no saving"
 
 
 def edge_table(checks: dict) -> list[str]:
@@ -63,6 +112,8 @@ def section(deployment: dict, plot: str | None) -> list[str]:
               "files to its first answer (batch 1).", ""]
     for device, deploy in devices.items():
         lines += [f"### {device} ({', '.join(deploy['providers'])})", ""] + forms_table(deploy) + [""]
+        lines += ["Forms per method, best first (`taskfold bench --prefer storage|latency|memory`):", ""]
+        lines += [ln for p in PRIORITIES for ln in ranking_lines(deploy, p)] + [""]
     edge = edge_table(deployment.get("checks", {}))
     if edge:
         lines += ["### Edge variants: accuracy against FP32 (onnxruntime, test split)", ""] + edge + [""]
