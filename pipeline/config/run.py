@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.config.sections import (BackboneConfig, BenchConfig, ChecksConfig, ExportConfig, RunOptions, Strict,
                                       TrainConfig)
 from pipeline.data.config import DataOptions, TaskConfig, safe_name
-from pipeline.methods.base import GROUPS, GroupOptions
+from pipeline.methods.base import GroupOptions, known_groups
 
 
 class MethodEntry(Strict):
@@ -38,9 +38,7 @@ class MethodEntry(Strict):
     @field_validator("optim")
     @classmethod
     def _groups(cls, optim: dict) -> dict:
-        if unknown := sorted(set(optim) - set(GROUPS)):
-            raise ValueError(f"unknown parameter group(s) {unknown}; groups: {list(GROUPS)}")
-        return optim
+        return known_groups(optim)
 
 
 class RunConfig(Strict):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from exporters.forms import FORMS, OPTIONAL
-from pipeline.methods.base import GROUPS, GroupOptions
+from pipeline.methods.base import GroupOptions, known_groups
 
 
 class Strict(BaseModel):
@@ -103,9 +103,7 @@ class TrainConfig(Strict):
     @field_validator("optim")
     @classmethod
     def _groups(cls, optim: dict) -> dict:
-        if unknown := sorted(set(optim) - set(GROUPS)):
-            raise ValueError(f"unknown parameter group(s) {unknown}; groups: {list(GROUPS)}")
-        return optim
+        return known_groups(optim)
 
     @field_validator("augment")
     @classmethod

@@ -87,6 +87,13 @@ class GroupOptions(BaseModel):
         return self.model_copy(update=update)
 
 
+def known_groups(optim: dict[str, "GroupOptions"]) -> dict[str, "GroupOptions"]:
+    """``optim`` if every key names a parameter group (a config validator's check)."""
+    if unknown := sorted(set(optim) - set(GROUPS)):
+        raise ValueError(f"unknown parameter group(s) {unknown}; groups: {list(GROUPS)}")
+    return optim
+
+
 @dataclass
 class ReportSection:
     """A method's part of report.md: markdown lines, and plots written (title -> relative path)."""
