@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up: the Debian Fashion-MNIST package, a venv in .venv with
-# pinned torch/torchvision and taskfold installed editable with its test extra.
-# A second call only checks and returns; it reinstalls when pyproject.toml or the runtime changed.
+# pinned torch/torchvision and taskfold installed editable.
+# A second call only checks and returns; it reinstalls when pyproject.toml, the runtime or the
+# extras asked for changed.
 #
 #   bash scripts/setup.sh          the runtime already installed; onnxruntime (extra `cpu`) in a new venv
+#   bash scripts/setup.sh --test   also the test extra (pytest; HF PEFT, which tests/test_lora.py
+#                                  checks the LoRA method against); kept by later calls
 #   bash scripts/setup.sh --gpu    onnxruntime-gpu (extra `gpu`: CUDA and TensorRT execution
 #                                  providers; runs on the CPU too)
 #   bash scripts/setup.sh --cpu    back to onnxruntime
@@ -11,11 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNTIME=""
+TEST=""
 for arg in "$@"; do
   case "$arg" in
     --gpu) RUNTIME=gpu ;;
     --cpu) RUNTIME=cpu ;;
-    *) echo "setup: unknown option $arg (use --cpu or --gpu)" >&2; exit 2 ;;
+    --test) TEST=test ;;
+    *) echo "setup: unknown option $arg (use --cpu, --gpu or --test)" >&2; exit 2 ;;
   esac
 done
 
@@ -35,9 +40,11 @@ fi
 
 STAMP=.venv/.taskfold-installed
 HAVE=$(cat "$STAMP" 2>/dev/null || true)
-case "${HAVE##* }" in cpu|gpu) INSTALLED=${HAVE##* } ;; *) INSTALLED="" ;; esac
+read -r _ HAVE_RUNTIME HAVE_TEST <<< "$HAVE" || true
+case "$HAVE_RUNTIME" in cpu|gpu) INSTALLED=$HAVE_RUNTIME ;; *) INSTALLED="" ;; esac
 RUNTIME=${RUNTIME:-${INSTALLED:-cpu}}
-WANT="$(sha256sum pyproject.toml | cut -c1-16) $RUNTIME"
+[ "$HAVE_TEST" = test ] && TEST=test   # the test extra, once installed, stays
+WANT="$(sha256sum pyproject.toml | cut -c1-16) $RUNTIME${TEST:+ test}"
 if [ "$HAVE" != "$WANT" ]; then
   echo "setup: installing taskfold ($RUNTIME runtime) and its pinned dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
@@ -45,7 +52,7 @@ if [ "$HAVE" != "$WANT" ]; then
     # the two wheels write the same files: remove whichever is there before installing the other
     .venv/bin/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu 2>/dev/null || true
   fi
-  .venv/bin/python -m pip install -q -e ".[$RUNTIME,test]"
+  .venv/bin/python -m pip install -q -e ".[$RUNTIME${TEST:+,test}]"
   echo "$WANT" > "$STAMP"
 fi
-echo "setup: ready (.venv/bin/taskfold, $RUNTIME runtime)"
+echo "setup: ready (.venv/bin/taskfold, $RUNTIME runtime${TEST:+, test extra})"
