@@ -71,3 +71,18 @@ def test_lora_folds_into_lowrank_and_runs_as_a_side_branch():
     assert sum(isinstance(m, nn.Module) and type(m).__name__ == "LowRankBranch" for m in branched.modules()) == 6
     lowrank = [e for p, e in delta.entries.items() if e.kind == "lowrank"]
     assert len(lowrank) == 6 and all(len(e.parts[0].factors) == 2 for e in lowrank)
+
+
+def test_the_report_compares_every_entry_with_lora_on_both_axes():
+    from pipeline.report.markdown import baseline_table
+
+    def m(method, n, acc):
+        return {"method": method, "n_x_base": n, "mean_test_acc": acc}
+
+    res = {"methods": {"lora": m("lora", 1.3, 0.8185), "taps": m("taps", 1.857, 0.805), "ftn": m("ftn", 1.09, 0.8425),
+                       "probe": m("linear_probe", 1.015, 0.746), "ft": m("finetune", 4.0, 0.83)}}
+    rows = {line.split(" | ")[0].strip("| "): line for line in baseline_table(res)[2:]}
+    assert "**below**" in rows["taps"]  # more storage and less accurate: LoRA dominates it
+    assert "above" in rows["ftn"]  # less storage, more accurate
+    assert "less storage, less accuracy" in rows["probe"] and "more storage, more accuracy" in rows["ft"]
+    assert baseline_table({"methods": {"ftn": m("ftn", 1.09, 0.8)}}) == []  # no LoRA entry, no table
