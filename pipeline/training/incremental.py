@@ -110,8 +110,10 @@ class TaskTrainer:
                 loss = loss + reg
         if not torch.isfinite(loss):
             s = self.schedule
+            trained = {g for g, ps in method.param_groups(self.model).items() if ps}
             raise TrainingError(f"{method.name}/{self.data.name}: loss is {loss.item()} at epoch {epoch + 1} (lr "
-                                f"{s.lr:g}, from {s.lr_source}; the head at {s.head_lr_scale:g}x); lower {s.lr_source}")
+                                f"{s.lr:g}, from {s.lr_source}; per group {optim.lr_summary(method, s, trained)}); "
+                                f"lower {s.lr_source}, or a group's lr under the entry's optim")
         self.optimisers.zero_grad("weights")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

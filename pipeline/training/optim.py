@@ -86,6 +86,16 @@ def resolve(method: Method, schedule: Schedule) -> dict[str, GroupOptions]:
     return out
 
 
+def lr_summary(method: Method, schedule: Schedule, groups: set[str]) -> str:
+    """The lr and optimiser each of ``groups`` trains with, for messages (``body: sgd 0.01``)."""
+    out = []
+    for g, o in resolve(method, schedule).items():
+        if g in groups:
+            lr = o.lr if o.lr is not None else (o.lr_scale or 1.0) * schedule.lr
+            out.append(f"{g}: {o.optimizer} {lr:g}")
+    return ", ".join(out)
+
+
 def factor(step: int, total: int, warmup: int) -> float:
     """The lr multiplier at ``step``: a linear ramp over ``warmup`` steps, times a cosine decay
     from 1 to 0 over the ``total`` steps."""
