@@ -86,13 +86,17 @@ def resolve(method: Method, schedule: Schedule) -> dict[str, GroupOptions]:
     return out
 
 
+def group_lr(o: GroupOptions, schedule: Schedule) -> float:
+    """A resolved group's lr: its own, else its scale x the entry's lr."""
+    return o.lr if o.lr is not None else schedule.lr * o.lr_scale
+
+
 def lr_summary(method: Method, schedule: Schedule, groups: set[str]) -> str:
     """The lr and optimiser each of ``groups`` trains with, for messages (``body: sgd 0.01``)."""
     out = []
     for g, o in resolve(method, schedule).items():
         if g in groups:
-            lr = o.lr if o.lr is not None else (o.lr_scale or 1.0) * schedule.lr
-            out.append(f"{g}: {o.optimizer} {lr:g}")
+            out.append(f"{g}: {o.optimizer} {group_lr(o, schedule):g}")
     return ", ".join(out)
 
 
@@ -112,8 +116,7 @@ def build(method: Method, model: nn.Module, schedule: Schedule, steps_per_epoch:
         if not params:
             continue
         o = options[name]
-        lr = o.lr if o.lr is not None else schedule.lr * o.lr_scale
-        group = {"params": params, "lr": lr, "name": name, "weight_decay": o.weight_decay, "clip": o.clip,
+        group = {"params": params, "lr": group_lr(o, schedule), "name": name, "weight_decay": o.weight_decay, "clip": o.clip,
                  "warmup_steps": int(round(o.warmup_epochs * steps_per_epoch))}
         if o.optimizer == "sgd":
             group["momentum"] = o.momentum
