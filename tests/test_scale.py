@@ -279,3 +279,62 @@ def test_a_dry_run_reports_units_images_and_steps(tmp_path, capsys):
     raw["train"]["epochs"] = 0
     cfg.write_text(yaml.safe_dump(raw))
     assert main(["run", str(cfg), "--dry-run"]) == 2  # an invalid config is still an invalid config
+
+
+# ---------------------------------------------------------------- run.jobs: helper processes
+
+
+def _jobs_config(tmp_path, jobs: int, methods) -> dict:
+    return tiny_config(tmp_path, run={"threads": 1, "jobs": jobs}, methods=methods)
+
+
+def test_run_jobs_trains_every_unit_once_in_two_processes_and_gives_the_one_process_bundles(tmp_path):
+    # a pool chain (CWPS), a joint unit and an entry that waits for it: the helper visits them
+    # first (it goes from the last entry back), so the main process must wait and finish after it
+    methods = ["linear_probe", {"name": "cwps", "lam": 0.5}, "joint_finetune",
+               {"name": "taps", "label": "taps_from_joint", "base": "joint_finetune", "lam": 1.0}, "norm_head"]
+    single, shared = tmp_path / "single", tmp_path / "shared"
+    Runner(parse_config(_jobs_config(tmp_path, 1, methods)), single, progress=False, log=lambda s: None).run(until="fold")
+    main_log: list[str] = []
+    Runner(parse_config(_jobs_config(tmp_path, 2, methods)), shared, progress=False, log=main_log.append).run(until="fold")
+    helper_log = (shared / "train" / "jobs" / "job1.log").read_text()
+    trained = _trainings(["\n".join(main_log), helper_log])
+    units = [f"{m}/{t}" for m in ("linear_probe", "cwps", "taps_from_joint", "norm_head")
+             for t in ("digits", "digits_neg")] + ["joint_finetune"]
+    assert sorted(trained) == sorted(units)  # every unit once, by one process or the other
+    assert _trainings([helper_log]) and _trainings(["\n".join(main_log)])  # both processes trained
+    assert torch.get_num_threads() >= 1
+    for label in ("linear_probe", "cwps", "joint_finetune", "taps_from_joint", "norm_head"):
+        for task in ("digits", "digits_neg"):
+            a = load_file(str(single / "bundles" / label / "tasks" / f"{task}.safetensors"))
+            b = load_file(str(shared / "bundles" / label / "tasks" / f"{task}.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (label, task)
+
+
+def test_a_failing_helper_is_named_with_its_log_and_leaves_no_process(tmp_path):
+    from pipeline.core.errors import TaskfoldError
+
+    # the helper starts from the last entry: one that cannot fit the backbone fails there
+    methods = ["linear_probe", {"name": "finetune", "label": "diverges", "lr": 1e6}]
+    out = tmp_path / "run"
+    with pytest.raises(TaskfoldError) as err:
+        Runner(parse_config(_jobs_config(tmp_path, 2, methods)), out, progress=False, log=lambda s: None).run(until="train")
+    text = str(err.value)
+    assert "training helper 1" in text and str(out / "train" / "jobs" / "job1.log") in text
+    assert "diverges" in text  # the helper's own error, carried over
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("taskfold-train")]
+    assert not list(out.rglob(".lock"))
+
+
+def test_run_jobs_under_torchrun_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    from pipeline.stages.context import StageContext
+    from pipeline.stages.rundir import RunDir
+
+    ctx = StageContext(parse_config(_jobs_config(tmp_path, 2, ["linear_probe"])), RunDir(tmp_path / "run"))
+    with pytest.raises(DeviceError, match="run.jobs"):
+        ctx.runtime

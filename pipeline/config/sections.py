@@ -22,6 +22,8 @@ class RunOptions(Strict):
                         description="auto (CUDA when available), cpu, cuda, cuda:N; under torchrun cuda:LOCAL_RANK")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training autocast dtype (fp16: "
                                                                              "with a GradScaler)")
+    jobs: int = Field(1, ge=1, le=64, description="training processes on this machine: each trains the next free "
+                                                 "unit, run.threads split among them (torchrun: 1)")
     workers: int | Literal["auto"] = Field("auto", description="DataLoader workers for sources that decode files "
                                                                "(auto: cores - 1, at most 8; in-memory sources: 0)")
 

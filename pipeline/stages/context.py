@@ -41,6 +41,7 @@ class StageContext:
         self._runtime: Runtime | None = None
         self.selection = Selection()  # the units this job trains (--shard, --units)
         self.pending: list[str] = []  # units the train stage left to other jobs
+        self.job = (0, 1)  # (this process, processes) of a run.jobs train stage; 0 is the main one
 
     @contextmanager
     def claim(self, unit):
@@ -67,10 +68,13 @@ class StageContext:
             r = self.cfg.run
             rank, world, local = world_from_env()
             device = resolve_device(r.device, local)
-            if self.cfg.train.sync_bn and world > 1 and device.type != "cuda":
-                from pipeline.training.runtime import DeviceError
+            from pipeline.training.runtime import DeviceError
 
+            if self.cfg.train.sync_bn and world > 1 and device.type != "cuda":
                 raise DeviceError("train.sync_bn: SyncBatchNorm needs CUDA devices; this run is on the CPU")
+            if r.jobs > 1 and world > 1:
+                raise DeviceError(f"run.jobs: {r.jobs} training processes under a torchrun of {world} ranks; every rank "
+                                  "trains every unit together, so set run.jobs: 1 (or run without torchrun)")
             init_distributed(device, world)
             self._runtime = Runtime(device, r.precision, rank, world, 0, self.cfg.data.on_bad_image,
                                     self.cfg.train.sync_bn)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
+import torch
 from safetensors.torch import save_file
 
 from pipeline.config import MethodEntry
@@ -30,6 +31,7 @@ from pipeline.core.versions import version_id, version_pass
 from pipeline.methods import REGISTRY, build_method
 from pipeline.methods.base import PoolMethod
 from pipeline.methods.context import Schedule
+from pipeline.stages import helpers
 from pipeline.stages.base import Stage, digest
 from pipeline.stages.context import StageContext
 from pipeline.stages.records import step_ms, task_result
@@ -46,16 +48,54 @@ class TrainStage(Stage):
     name = "train"
 
     def run(self, ctx: StageContext) -> dict:
+        jobs = ctx.cfg.run.jobs
+        if jobs > 1 and ctx.job == (0, 1) and not ctx.runtime.distributed:
+            return self.train_with_helpers(ctx, jobs)
+        return self.train_units(ctx)
+
+    def train_units(self, ctx: StageContext) -> dict:
+        """One pass over every entry's units in this job's order: train what is not up to date,
+        is this job's to train and is not held by another job."""
+        methods = ctx.cfg.methods
+        joint_hashes: dict[str, str] = {}  # joint entry label -> its unit's hash, in config order
+        for entry in methods:
+            if REGISTRY[entry.name].trainer == "joint":
+                joint_hashes[entry.label] = joint_unit_hash(ctx, entry, joint_hashes)
         units: dict[str, str] = {}
-        joint_hashes: dict[str, str] = {}  # joint entry label -> its unit's hash
         ctx.pending = []
-        for position, entry in enumerate(ctx.cfg.methods):
+        for position in helpers.entry_order(len(methods), *ctx.job):
+            entry = methods[position]
             if REGISTRY[entry.name].trainer == "joint":
                 units |= train_joint_entry(ctx, entry, joint_hashes, position)
             else:
                 units |= train_task_entry(ctx, entry, joint_hashes, position)
         ctx.hashes["train"] = digest(units)
         return {"units": units, "pending": list(ctx.pending)}
+
+    def train_with_helpers(self, ctx: StageContext, jobs: int) -> dict:
+        """This process and ``jobs - 1`` helpers train the units; then one more pass here trains
+        what waited for a unit another process held (a joint base, a pool chain's head)."""
+        threads = torch.get_num_threads()
+        each = helpers.threads_per_job(ctx.cfg.run.threads, jobs)
+        logs = ctx.run.root / "train" / "jobs"
+        started = helpers.start(ctx.cfg, ctx.run.root, ctx.selection, jobs, logs)
+        ctx.log(f"train: {jobs} processes (run.jobs), {each} thread(s) each; the helpers' logs are in "
+                f"{ctx.run.rel(logs)}/")
+        torch.set_num_threads(each)
+        try:
+            self.train_units(ctx)
+            helpers.finish(started)
+        except BaseException:
+            helpers.stop(started)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        log = ctx.log
+        ctx.log = lambda line: None if line.endswith("up to date, skipped") else log(line)
+        try:
+            return self.train_units(ctx)
+        finally:
+            ctx.log = log
 
 
 def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
@@ -107,9 +147,10 @@ def done_joint(ctx: StageContext, label: str, h: str) -> bool:
     return res.is_file() and read_json(res).get("hash") == h and ctx.run.shared_weights(label).is_file()
 
 
-def attempt(ctx: StageContext, key: str, position: int, unit, wait: str | None, train) -> bool:
+def attempt(ctx: StageContext, key: str, position: int, unit, wait: str | None, train, finished) -> bool:
     """Train a unit that is not up to date if this job's selection has it, nothing it needs is
-    missing and no live job holds its lock; else say why it is left. True if it trained."""
+    missing and no live job holds its lock; else say why it is left. True if it is there now
+    (``finished()`` is asked again under the lock: another job may have just finished it)."""
     if not ctx.selection.wants(position, key):
         ctx.log(f"train {key}: left to another job (not in this job's --shard/--units)")
     elif wait:
@@ -117,7 +158,10 @@ def attempt(ctx: StageContext, key: str, position: int, unit, wait: str | None, 
     else:
         with ctx.claim(unit) as mine:
             if mine:
-                train()
+                if finished():
+                    ctx.log(f"train {key}: finished by another job meanwhile")
+                else:
+                    train()
                 return True
             ctx.log(f"train {key}: being trained by another job ({ctx.lock_holder(unit)}); left to it")
     ctx.pending.append(key)
@@ -145,7 +189,8 @@ def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[s
             wait = waits_for(ctx, entry, joint_hashes) or (missing if pool_method else None)
             trained = attempt(ctx, key, position if pool_method else position * 10_000 + i, unit, wait,
                               lambda: train_unit(ctx, entry, task, unit, h, tag, ledger.versions if pool_method else {},
-                                                 ledger.pool() if pool_method else []))
+                                                 ledger.pool() if pool_method else []),
+                              lambda: done(unit, h))
             if not trained:
                 missing = missing or key
                 continue
@@ -205,19 +250,26 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
     ctx.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
 
 
+def joint_unit_hash(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str:
+    """The hash of a joint entry's one unit (for every task); ``joint_hashes``: the joint entries before it."""
+    return unit_hash(ctx, entry, [t.name for t in ctx.cfg.tasks], joint_hashes)
+
+
 def train_joint_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str],
                       position: int = 0) -> dict[str, str]:
     """One unit for all tasks."""
     names = [t.name for t in ctx.cfg.tasks]
-    h = unit_hash(ctx, entry, names, joint_hashes)  # one unit for every task
-    joint_hashes[entry.label] = h
+    h = joint_hashes[entry.label]
     unit = ctx.run.joint_unit(entry.label)
     key = f"{entry.label}/joint"
-    if done_joint(ctx, entry.label, h) and all(ctx.run.delta_file(entry.label, t).is_file() for t in names):
+    def finished() -> bool:
+        return done_joint(ctx, entry.label, h) and all(ctx.run.delta_file(entry.label, t).is_file() for t in names)
+
+    if finished():
         ctx.log(f"train {entry.label} (joint, {len(names)} tasks): up to date, skipped")
     else:
         attempt(ctx, key, position * 10_000, unit, waits_for(ctx, entry, joint_hashes),
-                lambda: train_joint_unit(ctx, entry, unit, h))
+                lambda: train_joint_unit(ctx, entry, unit, h), finished)
     return {key: h}
 
 
