@@ -311,21 +311,32 @@ def test_run_jobs_trains_every_unit_once_in_two_processes_and_gives_the_one_proc
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (label, task)
 
 
-def test_a_failing_helper_is_named_with_its_log_and_leaves_no_process(tmp_path):
-    from pipeline.core.errors import TaskfoldError
-
-    # the helper starts from the last entry: one that cannot fit the backbone fails there
-    methods = ["linear_probe", {"name": "finetune", "label": "diverges", "lr": 1e6}]
-    out = tmp_path / "run"
-    with pytest.raises(TaskfoldError) as err:
-        Runner(parse_config(_jobs_config(tmp_path, 2, methods)), out, progress=False, log=lambda s: None).run(until="train")
-    text = str(err.value)
-    assert "training helper 1" in text and str(out / "train" / "jobs" / "job1.log") in text
-    assert "diverges" in text  # the helper's own error, carried over
+def test_a_unit_failing_in_either_process_stops_the_run_and_leaves_no_helper(tmp_path):
     import multiprocessing
 
+    from pipeline.core.errors import TaskfoldError
+
+    # both units of the last entry diverge; the helper starts there, the main process may get there too
+    methods = ["linear_probe", {"name": "finetune", "label": "diverges", "lr": 1e6}]
+    out = tmp_path / "run"
+    with pytest.raises(TaskfoldError, match=r"(?s)finetune/digits(_neg)?: .*(not finite|loss is nan).*lower methods\[1\]\.lr"):
+        Runner(parse_config(_jobs_config(tmp_path, 2, methods)), out, progress=False, log=lambda s: None).run(until="train")
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("taskfold-train")]
     assert not list(out.rglob(".lock"))
+
+
+def test_a_failing_helper_is_named_with_its_own_error_and_log(tmp_path):
+    from pipeline.stages import helpers
+    from pipeline.stages.jobs import Selection
+
+    # data that is gone by the time the helper reads it: the helper fails, the main process says so
+    cfg = tiny_config(tmp_path, tasks=[{"name": "gone", "source": {"type": "image_folder", "root": str(tmp_path / "gone")}}])
+    started = helpers.start(parse_config(cfg, check_paths=False), tmp_path / "run", Selection(), 2, tmp_path / "logs")
+    with pytest.raises(helpers.HelperError) as err:
+        helpers.finish(started)
+    text = str(err.value)
+    assert "training helper 1 exited with 1" in text and str(tmp_path / "logs" / "job1.log") in text
+    assert "error: " in text and "gone" in text  # the helper's own last lines
 
 
 def test_run_jobs_under_torchrun_is_a_clear_error(tmp_path, monkeypatch):

@@ -85,16 +85,51 @@ def finish(helpers: list[Helper]) -> None:
 
 
 def stop(helpers: list[Helper]) -> None:
-    """End helpers early (the main process failed): their unit locks go stale and are taken over
-    by the next run."""
+    """End helpers early (the main process failed). SIGTERM ends a helper's unit cleanly (its
+    lock released, its last epoch checkpoint kept for a resume); one that does not end in 30 s
+    is killed, and its lock, now stale, is taken over by the next run."""
     for h in helpers:
         if h.process.is_alive():
             h.process.terminate()
     for h in helpers:
         h.process.join(timeout=30)
+        if h.process.is_alive():
+            h.process.kill()
+            h.process.join()
+
+
+def train_in_processes(stage, ctx, jobs: int) -> dict:
+    """The train stage in this process and ``jobs - 1`` helpers; then one more pass here trains
+    what waited for a unit another process held (a joint base, a pool chain's head)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    each = threads_per_job(ctx.cfg.run.threads, jobs)
+    logs = ctx.run.root / "train" / "jobs"
+    started = start(ctx.cfg, ctx.run.root, ctx.selection, jobs, logs)
+    ctx.log(f"train: {jobs} processes (run.jobs), {each} thread(s) each; the helpers' logs are in "
+            f"{ctx.run.rel(logs)}/")
+    torch.set_num_threads(each)
+    try:
+        stage.train_units(ctx)
+        finish(started)
+    except BaseException:
+        stop(started)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    log = ctx.log
+    ctx.log = lambda line: None if line.endswith("up to date, skipped") else log(line)
+    try:
+        return stage.train_units(ctx)
+    finally:
+        ctx.log = log
 
 
 def _helper_main(cfg, root: str, selection, job: int, jobs: int, log_file: str, ready) -> None:
+    import signal
+    import sys
+
     import torch
 
     from pipeline.stages.base import run_stage
@@ -107,6 +142,7 @@ def _helper_main(cfg, root: str, selection, job: int, jobs: int, log_file: str, 
         def log(line: str) -> None:
             print(line, file=f)
 
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the unit's lock is released
         try:
             torch.set_num_threads(threads_per_job(cfg.run.threads, jobs))
             ctx = StageContext(cfg, RunDir(Path(root)), progress=False, log=log)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-import torch
 from safetensors.torch import save_file
 
 from pipeline.config import MethodEntry
@@ -50,7 +49,7 @@ class TrainStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         jobs = ctx.cfg.run.jobs
         if jobs > 1 and ctx.job == (0, 1) and not ctx.runtime.distributed:
-            return self.train_with_helpers(ctx, jobs)
+            return helpers.train_in_processes(self, ctx, jobs)
         return self.train_units(ctx)
 
     def train_units(self, ctx: StageContext) -> dict:
@@ -71,31 +70,6 @@ class TrainStage(Stage):
                 units |= train_task_entry(ctx, entry, joint_hashes, position)
         ctx.hashes["train"] = digest(units)
         return {"units": units, "pending": list(ctx.pending)}
-
-    def train_with_helpers(self, ctx: StageContext, jobs: int) -> dict:
-        """This process and ``jobs - 1`` helpers train the units; then one more pass here trains
-        what waited for a unit another process held (a joint base, a pool chain's head)."""
-        threads = torch.get_num_threads()
-        each = helpers.threads_per_job(ctx.cfg.run.threads, jobs)
-        logs = ctx.run.root / "train" / "jobs"
-        started = helpers.start(ctx.cfg, ctx.run.root, ctx.selection, jobs, logs)
-        ctx.log(f"train: {jobs} processes (run.jobs), {each} thread(s) each; the helpers' logs are in "
-                f"{ctx.run.rel(logs)}/")
-        torch.set_num_threads(each)
-        try:
-            self.train_units(ctx)
-            helpers.finish(started)
-        except BaseException:
-            helpers.stop(started)
-            raise
-        finally:
-            torch.set_num_threads(threads)
-        log = ctx.log
-        ctx.log = lambda line: None if line.endswith("up to date, skipped") else log(line)
-        try:
-            return self.train_units(ctx)
-        finally:
-            ctx.log = log
 
 
 def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
