@@ -96,6 +96,10 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
     loader = Loader(exports, threads, providers)
     specs = {(label, form): spec for label, m in forms["methods"].items() for form, spec in m.items()
              if "unavailable" not in spec}
+    if loader.providers[0] != "CPUExecutionProvider":
+        if cpu := sorted({form for _, form in specs if FORMS[form].cpu_only}):
+            log(f"bench forms: {', '.join(cpu)} left out: built for the CPU, not {loader.providers[0]}")
+        specs = {k: v for k, v in specs.items() if not FORMS[k[1]].cpu_only}
     targets: dict[str, Callable] = {"base": runner(loader.open("base.onnx", shared=False))}
     for (label, form), spec in specs.items():
         for task, fn in FORMS[form]().targets(loader, spec).items():

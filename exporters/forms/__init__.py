@@ -6,6 +6,7 @@ from __future__ import annotations
 from exporters.forms.base import BuildContext, Form
 from exporters.forms.branch import Branch, BranchSwitch
 from exporters.forms.edge import Fp16, Int8
+from exporters.forms.live import Live
 from exporters.forms.merged import Merged
 from exporters.forms.shared import Shared
 from exporters.forms.switch import Switch
@@ -14,6 +15,7 @@ FORMS: dict[str, type[Form]] = {form.name: form for form in (
     Merged,
     Shared,
     Switch,
+    Live,
     Branch,
     BranchSwitch,
     Fp16,

@@ -97,6 +97,8 @@ class Form:
     reference: ClassVar[str] = "merged"
     # True: the check also reports accuracy against the reference's (lossy edge variants)
     lossy: ClassVar[bool] = False
+    # True: built for the CPU it was exported on (the bench leaves it out on a GPU provider)
+    cpu_only: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else (self.Options() if self.Options else None)

@@ -1,0 +1,218 @@
+"""live: one onnxruntime session per method on a graph onnxruntime already optimised for this
+CPU (``shared/<label>.live.onnx``), and per task the tensors in which tasks differ
+(``shared/<label>.live.<task>.safetensors``). A task switch copies the task's tensors into the
+live session's weight buffers: no new session, and the session runs the merged model's own
+optimised kernels, so it answers at merged latency.
+
+How it works: onnxruntime's optimiser (level ALL) rewrites a merged model into blocked-layout
+(NCHWc) convolutions with reordered weights, per CPU. That rewritten graph is saved once per
+task; the graphs of a method's tasks have the same nodes and differ only in tensor values. The
+session loads the first task's graph with every rewrite off and weight prepacking off, and takes
+the tensors that differ from buffers taskfold owns (``add_initializer``; onnxruntime does not
+copy them), so writing into the buffers changes the model it runs.
+
+Two consequences a user should know:
+
+* the files are for the CPU (instruction set) and onnxruntime version they were built with; on
+  another one, loading is refused with both named (rebuild with ``taskfold export``);
+* folding BatchNorm into the convs (a rewrite the optimiser does) makes every conv of a
+  norm-trained task differ; ``fuse_norms: auto`` keeps norms unfused where that keeps the
+  per-task tensors at most half as large (norm_head, TAPS), at some latency.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from pydantic import BaseModel, ConfigDict
+from safetensors.numpy import load_file, save_file
+
+from exporters.datafiles import SHARED, FormError
+from exporters.forms.base import BuildContext, Form
+from exporters.loader import Loader
+from exporters.runtime import onnxruntime
+from pipeline.core.io import atomic_path, temp_dir
+
+CPU_FLAGS = ("sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "amx_tile", "asimd", "sve")
+NORM_FUSION = "ConvBNFusion"  # onnxruntime's rewrite rule that folds BatchNormalization into a Conv
+
+
+class LiveOptions(BaseModel):
+    """``export.live``: whether BatchNorm is folded into the convs of the live graph."""
+
+    fuse_norms: Literal["auto", "always", "never"] = "auto"
+    model_config = ConfigDict(extra="forbid")
+
+
+def cpu_signature() -> dict:
+    """What the optimised graph depends on: the architecture, the instruction sets that decide
+    onnxruntime's kernels and weight layout, and onnxruntime's version."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "flags": [f for f in CPU_FLAGS if f in flags],
+            "onnxruntime": onnxruntime().__version__}
+
+
+def optimise(src: Path, dst: Path, fuse_norms: bool) -> onnx.ModelProto:
+    """``src`` as onnxruntime's level-ALL optimiser rewrites it for this CPU, saved to ``dst``."""
+    ort = onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(dst)
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=[] if fuse_norms else [NORM_FUSION])
+    return onnx.load(str(dst))
+
+
+def _structure(model: onnx.ModelProto) -> list:
+    return [(n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
+def _tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: bool, where: Path):
+    """Each task's optimised graph, and the names of the float tensors in which any two differ."""
+    graphs = {t: optimise(ctx.exports / label / f"{t}.onnx", where / f"{t}.{int(fuse_norms)}.onnx", fuse_norms)
+              for t in tasks}
+    first = graphs[tasks[0]]
+    for t in tasks[1:]:
+        if _structure(graphs[t]) != _structure(first):
+            raise FormError(f"the optimised graphs of {tasks[0]} and {t} differ in structure; one live session "
+                            "needs the same nodes for every task")
+    values = {t: _tensors(g) for t, g in graphs.items()}
+    ref = values[tasks[0]]
+    switched = sorted(k for k, v in ref.items() if v.dtype.kind == "f"
+                      and any(not np.array_equal(values[t][k], v) for t in tasks[1:]))
+    return graphs, values, switched
+
+
+class Live(Form):
+    name = "live"
+    note = "one session on a graph pre-optimised for this CPU; a switch copies the task's tensors in"
+    Options = LiveOptions
+    cpu_only = True
+
+    def build(self, ctx: BuildContext, label: str, bundle) -> dict:
+        tasks = list(bundle.tasks)
+        choice = self.options.fuse_norms
+        with temp_dir(ctx.writer.out / f"{label}.live.tmp") as d:
+            try:
+                built = {fuse: task_graphs(ctx, label, tasks, fuse, Path(d))
+                         for fuse in ((True, False) if choice == "auto" else (choice == "always",))}
+            except FormError as err:
+                ctx.log(f"  {label}: no live form: {err}")
+                return {"kind": "live", "unavailable": str(err)}
+            fuse = self._pick(built, tasks)
+            graphs, values, switched = built[fuse]
+            graph = f"{label}.live.onnx"
+            with atomic_path(ctx.writer.out / graph) as tmp:
+                onnx.save_model(graphs[tasks[0]], str(tmp))
+        files = {}
+        for t in tasks:
+            files[t] = f"{label}.live.{t}.safetensors"
+            with atomic_path(ctx.writer.out / files[t]) as tmp:
+                save_file({k: np.ascontiguousarray(values[t][k]) for k in switched}, str(tmp))
+        per_task = sum(values[tasks[0]][k].nbytes for k in switched)
+        return {"kind": "live", "graph": f"{SHARED}/{graph}", "tasks": {t: f"{SHARED}/{f}" for t, f in files.items()},
+                "files": sorted([f"{SHARED}/{graph}"] + [f"{SHARED}/{f}" for f in files.values()]),
+                "switched_tensors": len(switched), "switched_bytes": per_task, "fused_norms": fuse,
+                "built_on": cpu_signature()}
+
+    def _pick(self, built: dict, tasks: list[str]) -> bool:
+        """Fold norms into convs (merged kernels) unless that doubles or more the per-task tensors."""
+        if len(built) == 1:
+            return next(iter(built))
+        size = {fuse: sum(vals[tasks[0]][k].nbytes for k in sw) for fuse, (_, vals, sw) in built.items()}
+        return size[True] <= 2 * size[False]
+
+    def resident(self, loader: Loader, spec: dict) -> "LiveSession":
+        return LiveSession(loader.path(spec["graph"]), {t: loader.path(f) for t, f in spec["tasks"].items()},
+                           spec.get("built_on", {}), loader.threads, loader.providers)
+
+    def targets(self, loader: Loader, spec: dict) -> dict[str, Callable]:
+        live = self.resident(loader, spec)
+        return {t: live.runner(t) for t in spec["tasks"]}
+
+    def bring_up(self, loader: Loader, spec: dict, task: str, resident=None) -> Callable:
+        live = resident if resident is not None else self.resident(loader, spec)
+        live.use(task)
+        return live.runner(task)
+
+
+class LiveSession:
+    """The session and the buffers it reads its switched tensors from; ``use(task)`` copies a
+    task's tensors into them. Every task file is read and checked at load (names, shapes and
+    dtypes against the graph), so a switch cannot fail half-way."""
+
+    def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
+                 providers: list[str] | None = None):
+        if providers and providers[0] != "CPUExecutionProvider":
+            raise FormError(f"{graph}: the live form is optimised for a CPU; it cannot run on {providers[0]}")
+        here = cpu_signature()
+        if built_on and built_on != here:
+            raise FormError(f"{graph}: optimised for {built_on}, this machine is {here}; rebuild the live form here "
+                            "(taskfold export BUNDLE --out DIR --forms live)")
+        proto = onnx.load(str(graph))
+        shapes = {i.name: (tuple(i.dims), i.data_type) for i in proto.graph.initializer}
+        del proto
+        self.tasks: dict[str, dict[str, np.ndarray]] = {}
+        for task, path in task_files.items():
+            try:
+                tensors = load_file(str(path))
+            except Exception as err:  # noqa: BLE001 - any unreadable file is named
+                raise FormError(f"{path}: not a readable live-form task file: {err}") from None
+            for k, v in tensors.items():
+                want = shapes.get(k)
+                if want is None or want[0] != v.shape or onnx.helper.np_dtype_to_tensor_dtype(v.dtype) != want[1]:
+                    raise FormError(f"{path}: tensor {k!r} {v.dtype}{list(v.shape)} does not fit {graph.name} "
+                                    f"({'no such tensor' if want is None else list(want[0])})")
+            self.tasks[task] = tensors
+        names = [set(t) for t in self.tasks.values()]
+        if any(n != names[0] for n in names):
+            raise FormError(f"{graph}: its task files switch different tensors; every task file must hold the same names")
+        first = next(iter(self.tasks))
+        self.buffers = {k: v.copy() for k, v in self.tasks[first].items()}
+        ort = onnxruntime()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimised already
+        opts.add_session_config_entry("session.disable_prepacking", "1")  # kernels read our buffers, not a copy
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self._values = {k: ort.OrtValue.ortvalue_from_numpy(b) for k, b in self.buffers.items()}
+        for k, v in self._values.items():
+            opts.add_initializer(k, v)
+        self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.active = first
+
+    def use(self, task: str) -> None:
+        if task != self.active:
+            for k, buf in self.buffers.items():
+                np.copyto(buf, self.tasks[task][k])
+            self.active = task
+
+    def runner(self, task: str) -> Callable:
+        def run(x):
+            self.use(task)
+            return self.session.run(None, {self.input: x})
+
+        return run

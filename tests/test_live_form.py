@@ -1,0 +1,96 @@
+"""The live form: one session on a graph onnxruntime optimised for this CPU, task tensors copied
+into its buffers on a switch. Every switch must give that task's merged outputs; files built for
+another CPU or tampered with are refused, naming the file and tensor."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from exporters.datafiles import FormError
+from exporters.forms.live import Live, LiveSession
+from exporters.latency import runner
+from exporters.loader import Loader
+from pipeline.config import parse_config
+from pipeline.core.io import read_json
+from pipeline.stages.runner import Runner
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("live")
+    cfg = tiny_config(tmp, methods=["finetune", "norm_head", "linear_probe"], export={"forms": ["live"]},
+                      bench={"warmup": 1, "runs": 2, "batch_sizes": [2], "forms": False})
+    cfg["backbone"]["kwargs"] = {"width": 32}
+    out = tmp / "run"
+    Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run(until="export")
+    return out / "exports", read_json(out / "exports" / "forms.json")
+
+
+def _x(n=6, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("label", ["finetune", "norm_head", "linear_probe"])
+def test_every_switch_gives_the_tasks_merged_outputs(live_run, label):
+    exports, forms = live_run
+    spec = forms["methods"][label]["live"]
+    loader = Loader(exports, 1)
+    live = Live().resident(loader, spec)
+    x = _x()
+    merged = {t: runner(loader.open(f"{label}/{t}.onnx"))(x)[0] for t in spec["tasks"]}
+    assert not np.allclose(merged["digits"], merged["digits_neg"])  # the switch has something to show
+    for task in ["digits", "digits_neg", "digits", "digits_neg", "digits"]:  # back and forth
+        got = live.runner(task)(x)[0]
+        np.testing.assert_allclose(got, merged[task], rtol=1e-4, atol=1e-4)
+
+
+def test_norm_only_tasks_switch_only_their_small_tensors(live_run):
+    exports, forms = live_run
+    m = forms["methods"]
+    # norms stay unfused where folding them into the convs would make every conv differ per task
+    assert m["norm_head"]["live"]["fused_norms"] is False and m["finetune"]["live"]["fused_norms"] is True
+    assert m["norm_head"]["live"]["switched_bytes"] < 0.25 * m["finetune"]["live"]["switched_bytes"]
+    assert m["linear_probe"]["live"]["switched_bytes"] < m["norm_head"]["live"]["switched_bytes"]
+    for label in m:  # a task file holds exactly the switched tensors
+        spec = m[label]["live"]
+        tensors = load_file(str(exports / spec["tasks"]["digits"]))
+        assert len(tensors) == spec["switched_tensors"]
+        assert sum(v.nbytes for v in tensors.values()) == spec["switched_bytes"]
+
+
+def test_a_live_form_built_on_another_cpu_is_refused_naming_both(live_run):
+    exports, forms = live_run
+    spec = json.loads(json.dumps(forms["methods"]["finetune"]["live"]))
+    spec["built_on"]["flags"] = spec["built_on"]["flags"] + ["avx512f_elsewhere"]
+    with pytest.raises(FormError, match="optimised for .*avx512f_elsewhere.*rebuild the live form here"):
+        Live().resident(Loader(exports, 1), spec)
+
+
+def test_a_tampered_task_file_is_refused_naming_file_and_tensor(live_run, tmp_path):
+    import shutil
+
+    exports, forms = live_run
+    copy = tmp_path / "exports"
+    shutil.copytree(exports, copy)
+    spec = forms["methods"]["norm_head"]["live"]
+    path = copy / spec["tasks"]["digits_neg"]
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = np.zeros(tensors[name].size + 1, tensors[name].dtype)
+    save_file(tensors, str(path))
+    with pytest.raises(FormError, match=rf"{path.name}: tensor '{name}' .* does not fit"):
+        Live().resident(Loader(copy, 1), spec)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(FormError, match=rf"{path.name}: not a readable live-form task file"):
+        Live().resident(Loader(copy, 1), spec)
+
+
+def test_the_live_form_cannot_run_on_a_gpu_provider(live_run):
+    exports, forms = live_run
+    spec = forms["methods"]["finetune"]["live"]
+    with pytest.raises(FormError, match="cannot run on CUDAExecutionProvider"):
+        LiveSession(Loader(exports, 1).path(spec["graph"]), {}, spec["built_on"], 1, ["CUDAExecutionProvider"])
