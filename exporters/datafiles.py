@@ -34,7 +34,7 @@ def tensor_key(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _set_external(init: TensorProto, location: str, offset: int, length: int) -> None:
+def set_external(init: TensorProto, location: str, offset: int, length: int) -> None:
     init.ClearField("raw_data")
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
         init.ClearField(field)
@@ -121,11 +121,11 @@ class SharedWriter:
                 continue
             key = tensor_key(arr)
             if key in self.bases:
-                _set_external(init, *self.bases[key])
+                set_external(init, *self.bases[key])
                 used.add(self.bases[key][0])
                 shared += 1
             else:
-                _set_external(init, f"{name}.data", *own.add(arr))
+                set_external(init, f"{name}.data", *own.add(arr))
                 own_n += 1
         data_bytes = own.close()
         if not own_n:

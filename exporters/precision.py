@@ -24,11 +24,17 @@ class Int8Recipe(BaseModel):
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool = Field(True, description="7-bit weights: no VPMADDUBSW saturation on x86 without VNNI")
     float_first_conv: bool = Field(True, description="leave the input layer unquantised")
+    float_last: int = Field(0, ge=0, description="leave the last N quantisable layers (convs, the head) float")
+    calibration: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="how activation ranges are set from the calibration images")
+    percentile: float = Field(99.999, gt=90, le=100, description="calibration: percentile keeps this share of values")
 
     def describe(self) -> str:
         bits = "7-bit " if self.reduce_range else ""
+        calib = f"{self.percentile:g}th percentile" if self.calibration == "percentile" else self.calibration
         return (f"{bits}{self.weights} weights / {self.activations} activations, "
-                f"first conv {'float' if self.float_first_conv else 'quantised'}")
+                f"first conv {'float' if self.float_first_conv else 'quantised'}"
+                + (f", last {self.float_last} layers float" if self.float_last else "") + f", {calib} calibration")
 
 
 def to_fp16(src: Path, dst: Path) -> Path:
@@ -59,7 +65,8 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "im
     """
     import logging
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -80,11 +87,17 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "im
             if any(n.op_type == "BatchNormalization" for n in nodes):
                 raise FormError(f"{src}: BatchNormalization left after pre-processing; its convs would be "
                                 "quantised before folding (is the graph constant-folded?)")
-            first_conv = [n.name for n in nodes if n.op_type == "Conv"][:1] if recipe.float_first_conv else []
+            layers = [n.name for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
+            excluded = layers[:1] if recipe.float_first_conv else []
+            excluded += layers[len(layers) - recipe.float_last:] if recipe.float_last else []
             types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+            methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                       "entropy": CalibrationMethod.Entropy}
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=recipe.reduce_range, activation_type=types[recipe.activations],
-                            weight_type=types[recipe.weights], nodes_to_exclude=first_conv)
+                            weight_type=types[recipe.weights], nodes_to_exclude=excluded,
+                            calibrate_method=methods[recipe.calibration],
+                            extra_options={"CalibPercentile": recipe.percentile})
             os.replace(out, tmp)
     finally:
         logging.disable(previous)

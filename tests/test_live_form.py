@@ -94,3 +94,31 @@ def test_the_live_form_cannot_run_on_a_gpu_provider(live_run):
     spec = forms["methods"]["finetune"]["live"]
     with pytest.raises(FormError, match="cannot run on CUDAExecutionProvider"):
         LiveSession(Loader(exports, 1).path(spec["graph"]), {}, spec["built_on"], 1, ["CUDAExecutionProvider"])
+
+
+def test_the_graph_holds_no_second_copy_of_the_switched_tensors(live_run):
+    exports, forms = live_run
+    spec = forms["methods"]["finetune"]["live"]
+    # the graph reads them from the first task's file: on disk, K task files and a light graph
+    assert (exports / spec["graph"]).stat().st_size < 0.2 * spec["switched_bytes"]
+    assert spec["bytes"] < (len(spec["tasks"]) + 0.5) * spec["switched_bytes"]  # not K + 1 copies
+
+
+def test_a_graph_reading_a_file_outside_its_task_files_is_refused(live_run, tmp_path):
+    import shutil
+
+    import onnx
+
+    from exporters.datafiles import set_external
+
+    exports, forms = live_run
+    copy = tmp_path / "exports"
+    shutil.copytree(exports, copy)
+    spec = forms["methods"]["finetune"]["live"]
+    graph = copy / spec["graph"]
+    model = onnx.load(str(graph), load_external_data=False)
+    victim = next(i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
+    set_external(victim, "../../outside.bin", 0, 4)
+    onnx.save_model(model, str(graph))
+    with pytest.raises(FormError, match=rf"tensor '{victim.name}' reads '../../outside.bin'"):
+        Live().resident(Loader(copy, 1), spec)

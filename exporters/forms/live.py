@@ -21,6 +21,7 @@ Two consequences a user should know:
 """
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from typing import Callable, Literal
@@ -31,7 +32,7 @@ from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict
 from safetensors.numpy import load_file, save_file
 
-from exporters.datafiles import SHARED, FormError
+from exporters.datafiles import SHARED, FormError, external_info, set_external
 from exporters.forms.base import BuildContext, Form
 from exporters.loader import Loader
 from exporters.runtime import onnxruntime
@@ -102,6 +103,26 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
     return graphs, values, switched
 
 
+def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (byte offset in the file, length) of each tensor of a safetensors file (an 8-byte
+    little-endian header length, a JSON header, then the raw little-endian tensor data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def point_into(model: onnx.ModelProto, task_file: Path, names: set[str]) -> onnx.ModelProto:
+    """The graph with its switched tensors read from the first task's file (ONNX external data at
+    the tensors' offsets), so the files hold them once per task, not once more in the graph."""
+    offsets = safetensors_offsets(task_file)
+    for init in model.graph.initializer:
+        if init.name in names:
+            set_external(init, task_file.name, *offsets[init.name])
+    return model
+
+
 class Live(Form):
     name = "live"
     note = "one session on a graph pre-optimised for this CPU; a switch copies the task's tensors in"
@@ -120,14 +141,15 @@ class Live(Form):
                 return {"kind": "live", "unavailable": str(err)}
             fuse = self._pick(built, tasks)
             graphs, values, switched = built[fuse]
+            files = {}
+            for t in tasks:
+                files[t] = f"{label}.live.{t}.safetensors"
+                with atomic_path(ctx.writer.out / files[t]) as tmp:
+                    save_file({k: np.ascontiguousarray(values[t][k]) for k in switched}, str(tmp))
             graph = f"{label}.live.onnx"
+            model = point_into(graphs[tasks[0]], ctx.writer.out / files[tasks[0]], set(switched))
             with atomic_path(ctx.writer.out / graph) as tmp:
-                onnx.save_model(graphs[tasks[0]], str(tmp))
-        files = {}
-        for t in tasks:
-            files[t] = f"{label}.live.{t}.safetensors"
-            with atomic_path(ctx.writer.out / files[t]) as tmp:
-                save_file({k: np.ascontiguousarray(values[t][k]) for k in switched}, str(tmp))
+                onnx.save_model(model, str(tmp))
         per_task = sum(values[tasks[0]][k].nbytes for k in switched)
         return {"kind": "live", "graph": f"{SHARED}/{graph}", "tasks": {t: f"{SHARED}/{f}" for t, f in files.items()},
                 "files": sorted([f"{SHARED}/{graph}"] + [f"{SHARED}/{f}" for f in files.values()]),
@@ -168,8 +190,14 @@ class LiveSession:
         if built_on and built_on != here:
             raise FormError(f"{graph}: optimised for {built_on}, this machine is {here}; rebuild the live form here "
                             "(taskfold export BUNDLE --out DIR --forms live)")
-        proto = onnx.load(str(graph))
+        proto = onnx.load(str(graph), load_external_data=False)
         shapes = {i.name: (tuple(i.dims), i.data_type) for i in proto.graph.initializer}
+        allowed = {p.name for p in task_files.values() if p.parent == graph.parent}
+        for init in proto.graph.initializer:
+            location = external_info(init).get("location")
+            if init.data_location == onnx.TensorProto.EXTERNAL and location not in allowed:
+                raise FormError(f"{graph}: tensor {init.name!r} reads {location!r}; a live graph reads only its "
+                                "task files beside it")
         del proto
         self.tasks: dict[str, dict[str, np.ndarray]] = {}
         for task, path in task_files.items():
