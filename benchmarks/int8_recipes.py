@@ -35,7 +35,6 @@ RECIPES = {
     "int8w_s8a_f1": Int8Recipe(activations="int8", reduce_range=False),
     "default_pct": Int8Recipe(calibration="percentile"),
     "default_pct9999": Int8Recipe(calibration="percentile", percentile=99.99),
-    "default_entropy": Int8Recipe(calibration="entropy"),
     "default_last1": Int8Recipe(float_last=1),
     "default_last2": Int8Recipe(float_last=2),
 }

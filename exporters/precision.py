@@ -25,7 +25,7 @@ class Int8Recipe(BaseModel):
     reduce_range: bool = Field(True, description="7-bit weights: no VPMADDUBSW saturation on x86 without VNNI")
     float_first_conv: bool = Field(True, description="leave the input layer unquantised")
     float_last: int = Field(0, ge=0, description="leave the last N quantisable layers (convs, the head) float")
-    calibration: Literal["minmax", "percentile", "entropy"] = Field(
+    calibration: Literal["minmax", "percentile"] = Field(
         "minmax", description="how activation ranges are set from the calibration images")
     percentile: float = Field(99.999, gt=90, le=100, description="calibration: percentile keeps this share of values")
 
@@ -91,8 +91,7 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "im
             excluded = layers[:1] if recipe.float_first_conv else []
             excluded += layers[len(layers) - recipe.float_last:] if recipe.float_last else []
             types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-            methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                       "entropy": CalibrationMethod.Entropy}
+            methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=recipe.reduce_range, activation_type=types[recipe.activations],
                             weight_type=types[recipe.weights], nodes_to_exclude=excluded,

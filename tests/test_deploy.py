@@ -178,6 +178,24 @@ def test_int8_folds_norms_and_follows_its_recipe(tmp_path, graphs, recipe):
     assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() == top for w in weights)
 
 
+def test_int8_float_last_and_percentile_calibration_change_what_they_say(tmp_path, graphs):
+    paths, x = graphs
+
+    def quantised_layers(recipe, name):
+        graph = onnx.load(str(to_int8(paths["own_convs"], tmp_path / name, x[:32], recipe=recipe))).graph
+        made_by = {o: n for n in graph.node for o in n.output}
+        layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+        scales = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_scale")}
+        return [n.input[1] in made_by and made_by[n.input[1]].op_type == "DequantizeLinear" for n in layers], scales
+
+    default, minmax = quantised_layers(Int8Recipe(), "a.onnx")
+    last, _ = quantised_layers(Int8Recipe(float_last=1), "b.onnx")
+    assert default[-1] and not last[-1] and last[1:-1] == default[1:-1]  # only the last layer left float
+    _, pct = quantised_layers(Int8Recipe(calibration="percentile", percentile=99.0), "c.onnx")
+    activation = [k for k in minmax if k in pct and minmax[k].size == 1 and "input" not in k]
+    assert any(pct[k] < minmax[k] for k in activation)  # clipped ranges: finer steps for the bulk
+
+
 def test_run_builds_checks_and_benches_every_form(tmp_path):
     cfg = tiny_config(tmp_path, methods=["norm_head", {"name": "ftn", "rank": 2}],
                       export={"forms": OPTIONAL, "calibration_images": 16, "int8": {"reduce_range": False}},
