@@ -331,9 +331,8 @@ def test_a_failing_helper_is_named_with_its_own_error_and_log(tmp_path):
 
     # data that is gone by the time the helper reads it: the helper fails, the main process says so
     cfg = tiny_config(tmp_path, tasks=[{"name": "gone", "source": {"type": "image_folder", "root": str(tmp_path / "gone")}}])
-    started = helpers.start(parse_config(cfg, check_paths=False), tmp_path / "run", Selection(), 2, tmp_path / "logs")
-    with pytest.raises(helpers.HelperError) as err:
-        helpers.finish(started)
+    with pytest.raises(helpers.HelperError) as err:  # before the main process trains anything
+        helpers.start(parse_config(cfg, check_paths=False), tmp_path / "run", Selection(), 2, tmp_path / "logs")
     text = str(err.value)
     assert "training helper 1 exited with 1" in text and str(tmp_path / "logs" / "job1.log") in text
     assert "error: " in text and "gone" in text  # the helper's own last lines

@@ -72,6 +72,9 @@ def start(cfg, root: Path, selection, jobs: int, logs: Path) -> list[Helper]:
     for h in helpers:  # start together, so each process begins at its own end of the entries
         while not h.ready.wait(0.5) and h.process.is_alive():
             pass
+    if dead := [h for h in helpers if not h.ready.is_set()]:  # failed before training anything
+        stop(helpers)
+        raise HelperError("\n".join(h.failure() or f"training helper {h.job} did not start" for h in dead))
     return helpers
 
 
