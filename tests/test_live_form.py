@@ -122,3 +122,17 @@ def test_a_graph_reading_a_file_outside_its_task_files_is_refused(live_run, tmp_
     onnx.save_model(model, str(graph))
     with pytest.raises(FormError, match=rf"tensor '{victim.name}' reads '../../outside.bin'"):
         Live().resident(Loader(copy, 1), spec)
+
+
+def test_tasks_with_heads_of_different_sizes_get_no_live_form_and_the_reason(tmp_path):
+    from tests.test_api import colour_folder
+
+    tasks = [{"name": "colour", "source": {"type": "image_folder", "root": str(colour_folder(tmp_path / "data"))},
+              "val_size": 9},
+             {"name": "digits", "source": {"type": "digits"}, "train_size": 64, "val_size": 16, "test_size": 32}]
+    cfg = tiny_config(tmp_path, tasks=tasks, methods=["linear_probe"], export={"forms": ["live"]},
+                      train={"epochs": 1, "batch_size": 16, "lr": 0.05})
+    out = tmp_path / "run"
+    Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run(until="export")
+    spec = read_json(out / "exports" / "forms.json")["methods"]["linear_probe"]["live"]
+    assert "a live switch only copies float values of one shape" in spec["unavailable"]

@@ -98,8 +98,13 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
                             "needs the same nodes for every task")
     values = {t: _tensors(g) for t, g in graphs.items()}
     ref = values[tasks[0]]
-    switched = sorted(k for k, v in ref.items() if v.dtype.kind == "f"
-                      and any(not np.array_equal(values[t][k], v) for t in tasks[1:]))
+    switched = sorted(k for k, v in ref.items() if any(not np.array_equal(values[t][k], v) for t in tasks[1:]))
+    for k in switched:  # a switch copies values; it cannot change a shape, or the graph's integer constants
+        for t in tasks[1:]:
+            got = values[t][k]
+            if got.shape != ref[k].shape or got.dtype != ref[k].dtype or got.dtype.kind != "f":
+                raise FormError(f"tensor {k!r} is {got.dtype}{list(got.shape)} in {t} but {ref[k].dtype}"
+                                f"{list(ref[k].shape)} in {tasks[0]}; a live switch only copies float values of one shape")
     return graphs, values, switched
 
 
