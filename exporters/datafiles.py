@@ -109,24 +109,37 @@ class SharedWriter:
         stay in the graph, where onnxruntime's shape inference must read them at load."""
         return arr.dtype.kind == "f" and arr.nbytes >= self.inline_bytes
 
-    def write_graph(self, name: str, model: onnx.ModelProto) -> dict:
+    def write_pool(self, location: str, arrays: list[np.ndarray]) -> dict[str, tuple[str, int, int]]:
+        """Write tensors that several graphs of one form read (a method's stored rows) to
+        ``location``, each once; pass the result to ``write_graph(pool=...)``. Unlike a base
+        file, sessions do not share these in memory: each reads what it needs."""
+        data = _DataFile(self.out / location)
+        placed = {tensor_key(a): (location, *data.add(a)) for a in arrays if self.stored_outside(a)}
+        data.close()
+        return placed
+
+    def write_graph(self, name: str, model: onnx.ModelProto,
+                    pool: dict[str, tuple[str, int, int]] | None = None) -> dict:
         """Save ``model`` as ``name.onnx`` (+ ``name.data`` for its own tensors); the model's
-        tensors are moved out of the proto. Returns bytes and counts."""
+        tensors are moved out of the proto. Tensors found in the base files or in ``pool``
+        (``write_pool``) point there. Returns bytes and counts."""
         own = _DataFile(self.out / f"{name}.data")
         shared = own_n = 0
         used = set()
+        pool = pool or {}
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
             if not self.stored_outside(arr):
                 continue
             key = tensor_key(arr)
-            if key in self.bases:
-                set_external(init, *self.bases[key])
-                used.add(self.bases[key][0])
+            if key in self.bases or key in pool:
+                place = self.bases.get(key) or pool[key]
+                set_external(init, *place)
+                used.add(place[0])
                 shared += 1
-            else:
-                set_external(init, f"{name}.data", *own.add(arr))
-                own_n += 1
+                continue
+            set_external(init, f"{name}.data", *own.add(arr))
+            own_n += 1
         data_bytes = own.close()
         if not own_n:
             (self.out / f"{name}.data").unlink()

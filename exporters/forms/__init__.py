@@ -8,12 +8,14 @@ from exporters.forms.branch import Branch, BranchSwitch
 from exporters.forms.edge import Fp16, Int8
 from exporters.forms.live import Live
 from exporters.forms.merged import Merged
+from exporters.forms.rows import Rows
 from exporters.forms.shared import Shared
 from exporters.forms.switch import Switch
 
 FORMS: dict[str, type[Form]] = {form.name: form for form in (
     Merged,
     Shared,
+    Rows,
     Switch,
     Live,
     Branch,
