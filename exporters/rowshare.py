@@ -55,10 +55,12 @@ def plan_rows(base: dict[str, np.ndarray], tasks: dict[str, dict[str, np.ndarray
     """``base`` and ``tasks[task]``: name -> tensor (the graphs' initializers), tasks in the
     order their rows are stored (a task borrows from the base and the tasks before it). A float
     tensor of ``min_bytes`` or more that differs from the base tensor of its name is assembled
-    when some of its rows repeat; tensors with no repeated row stay whole."""
+    when some of its rows repeat; tensors with no repeated row stay whole. Only tensors of two
+    or more axes: in a vector (a norm's scale) a "row" is one number, which repeats by chance and
+    costs as much as its index."""
     plan = RowPlan(tasks={t: {} for t in tasks})
     for name, ref in base.items():
-        if ref.dtype.kind != "f" or ref.nbytes < min_bytes or ref.ndim == 0:
+        if ref.dtype.kind != "f" or ref.nbytes < min_bytes or ref.ndim < 2:
             continue
         known = {ref[r].tobytes(): (BASE, r) for r in range(ref.shape[0])}  # row content -> (owner, row)
         for task, tensors in tasks.items():

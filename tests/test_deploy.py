@@ -298,3 +298,30 @@ def test_forms_ranked_by_priority_and_forms_worse_on_both_axes_named():
     assert "switch (worse than merged on bytes and latency)" in line and "shared (worse" not in line
     with pytest.raises(ValueError, match="prefer"):
         rank_forms(rows, "speed")
+
+
+def test_offloaded_lossy_forms_that_lose_too_much_are_not_shipped(tmp_path):
+    """FP16 and INT8 are built in a worker process; their check still decides: a drop beyond the
+    threshold removes the files and says why in forms.json, and the other forms are unaffected."""
+    from exporters.build import Offload, Thresholds
+    from exporters.bundles import export_bundles
+    from exporters.images import TaskImages
+    from pipeline.core.bundle import load_bundle
+
+    cfg = tiny_config(tmp_path, methods=["norm_head"])
+    cfg["backbone"]["kwargs"] = {"width": 32}
+    Runner(parse_config(cfg), tmp_path / "run", progress=False, log=lambda s: None).run(until="fold")
+    bundle = load_bundle(tmp_path / "run" / "bundles" / "norm_head")
+    rng = np.random.default_rng(0)
+    images = {t: TaskImages.from_arrays(rng.standard_normal((8, 3, 16, 16), dtype=np.float32),
+                                        rng.standard_normal((20, 3, 16, 16), dtype=np.float32), np.zeros(20, np.int64))
+              for t in bundle.tasks}
+    out = tmp_path / "exports"
+    export_bundles({"norm_head": bundle}, out, ["shared", "fp16", "int8"], images, threads=1, log=lambda s: None,
+                   thresholds=Thresholds(max_accuracy_drop=-1.0))  # no accuracy is good enough
+    forms = read_json(out / "forms.json")["methods"]["norm_head"]
+    for name in ("fp16", "int8"):
+        assert forms[name]["unavailable"].startswith("failed its check"), forms[name]
+        assert not list(out.glob(f"norm_head/*.{name}.onnx"))
+    assert "unavailable" not in forms["shared"] and list(forms) == ["merged", "shared", "fp16", "int8"]
+    assert Offload(["merged", "shared", "fp16", "int8"]).names == {"fp16", "int8"}

@@ -43,12 +43,16 @@ def test_each_new_row_is_stored_once_and_every_tensor_rebuilds_exactly():
         assert set(plan.tasks[task]) == {"w"}
     assert plan.saved_bytes(tasks) == 2 * base["w"].nbytes - 3 * base["w"][0].nbytes
     assert plan_rows(base, tasks, min_bytes=base["w"].nbytes + 1).assembled() == 0  # small tensors stay inline
+    # a vector's "rows" are single numbers: one repeated by chance is no reason to assemble it
+    vec = {"scale": np.arange(8, dtype=np.float32)}
+    moved = {"scale": vec["scale"] * 2}  # 0 and 2, 4, 6 repeat
+    assert plan_rows(vec, {"a": moved}, min_bytes=0).assembled() == 0
 
 
 @pytest.fixture(scope="module")
 def rows_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rows")
-    cfg = tiny_config(tmp, methods=["linear_probe", {"name": "cwps", "lam": 0.5}], export={"forms": ["shared", "rows"]},
+    cfg = tiny_config(tmp, methods=["linear_probe", "finetune", {"name": "cwps", "lam": 0.5}], export={"forms": ["shared", "rows"]},
                       bench={"warmup": 1, "runs": 2, "batch_sizes": [2], "forms": False})
     cfg["backbone"]["kwargs"] = {"width": 32}  # convs large enough to leave the graph for the data files
     out = tmp / "run"
@@ -77,6 +81,7 @@ def test_cwps_rows_form_stores_what_its_bundle_stores_and_answers_as_merged(rows
         np.testing.assert_allclose(got, runner(loader.open(f"cwps/{task}.onnx"))(x)[0], rtol=1e-5, atol=1e-5)
     # a method whose tensors never repeat rows gets no rows form, with the reason
     assert "no tensor repeats rows" in forms["methods"]["linear_probe"]["rows"]["unavailable"]
+    assert "unavailable" in forms["methods"]["finetune"]["rows"]  # every row of its own: nothing to save
 
 
 def test_onnxruntime_folds_the_assembly_when_the_session_starts(rows_run, tmp_path):

@@ -14,6 +14,10 @@ from exporters.forms.base import BuildContext, Form, copy_graph, sessions_spec
 from exporters.rowshare import assemble_in_graph, plan_rows
 
 
+# below this share of the tasks' own bytes saved, the shared form is as good and loads faster
+MIN_SAVING = 0.05
+
+
 class Rows(Form):
     name = "rows"
     note = "per-task graphs storing only the rows no earlier task or the base holds; assembled at load"
@@ -28,14 +32,16 @@ class Rows(Form):
             return {"kind": "sessions", "unavailable": "no tensor repeats rows of the base or of another task; "
                                                        "the shared form stores the same"}
         saved = plan.saved_bytes(tensors)
-        # the base file is stored anyway when some whole task tensor is the base's (the shared form)
+        # what the shared form stores: each task's tensors that are not the base's, and the base
+        # file if any whole task tensor is the base's
         base_keys = {tensor_key(a) for a in base.values() if ctx.writer.stored_outside(a)}
-        base_needed = any(tensor_key(a) in base_keys for per_task in tensors.values() for a in per_task.values()
-                          if ctx.writer.stored_outside(a))
-        extra = ctx.writer.base_bytes if plan.uses_base() and not base_needed else 0
-        if saved <= extra:
-            return {"kind": "sessions", "unavailable": f"repeated rows save {saved:,} bytes, less than the base "
-                                                       f"file ({extra:,} bytes) they would need; the shared form stores less"}
+        stored = [a for per_task in tensors.values() for a in per_task.values() if ctx.writer.stored_outside(a)]
+        own = sum(a.nbytes for a in stored if tensor_key(a) not in base_keys)
+        extra = ctx.writer.base_bytes if plan.uses_base() and not any(tensor_key(a) in base_keys for a in stored) else 0
+        if saved - extra < MIN_SAVING * own:
+            return {"kind": "sessions", "unavailable": f"repeated rows would save {saved - extra:,} of the {own:,} "
+                    f"bytes the shared form stores for the tasks (under {MIN_SAVING:.0%}"
+                    + (f", after the {extra:,}-byte base file they would need" if extra else "") + ")"}
         pool = ctx.writer.write_pool(f"{label}.rows.data", list(plan.rows.values()))
         files, detail = {}, {}
         for t, g in graphs.items():
