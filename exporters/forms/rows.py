@@ -39,9 +39,9 @@ class Rows(Form):
         own = sum(a.nbytes for a in stored if tensor_key(a) not in base_keys)
         extra = ctx.writer.base_bytes if plan.uses_base() and not any(tensor_key(a) in base_keys for a in stored) else 0
         if saved - extra < MIN_SAVING * own:
-            return {"kind": "sessions", "unavailable": f"repeated rows would save {saved - extra:,} of the {own:,} "
-                    f"bytes the shared form stores for the tasks (under {MIN_SAVING:.0%}"
-                    + (f", after the {extra:,}-byte base file they would need" if extra else "") + ")"}
+            return {"kind": "sessions", "unavailable": f"repeated rows would save {saved:,} of the {own:,} bytes the "
+                    "shared form stores for the tasks" + (f" but need the {extra:,}-byte base file" if extra else "")
+                    + f": under {MIN_SAVING:.0%} net"}
         pool = ctx.writer.write_pool(f"{label}.rows.data", list(plan.rows.values()))
         files, detail = {}, {}
         for t, g in graphs.items():
