@@ -25,7 +25,7 @@ from exporters.loader import Loader
 from exporters.onnx import OnnxExporter
 from pipeline.core.compare import within
 from pipeline.core.errors import TaskfoldError
-from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.io import atomic_dir, temp_dir, write_json
 
 
 class CheckFailed(TaskfoldError, RuntimeError):
@@ -75,7 +75,8 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     wanted = ["merged"] + [f for f in FORMS if f in forms and f != "merged"]
     manifest: dict = {"methods": {}}
     base = onnx.load(str(exports / "base.onnx"))
-    with atomic_dir(exports / SHARED) as tmp, Offload(wanted) as offload:
+    with atomic_dir(exports / SHARED) as tmp, temp_dir(exports / "offload") as scratch, \
+            Offload(wanted, scratch) as offload:
         writer = SharedWriter(tmp, base)
         ctx = BuildContext(exports, writer, exporter, Loader(exports, threads, shared_dir=tmp), images,
                            dict(options or {}), log, forms=FORMS)
@@ -129,12 +130,15 @@ class Offload:
     """Builds the ``standalone`` forms (FP16, INT8: onnxruntime's quantiser, mostly one core) in
     worker processes while this one builds the forms that need the whole context. Nothing is
     offloaded that another wanted form requires, so every ``requires`` check sees a real spec.
-    Leaving the block with an error cancels what has not started."""
+    Leaving the block with an error cancels what has not started. The workers' temp folder is
+    ``scratch`` (in the run directory): what libraries leave in one (onnxruntime writes a file
+    there when imported) stays out of the system's."""
 
-    def __init__(self, wanted: list[str]):
+    def __init__(self, wanted: list[str], scratch: Path):
         required = {r for f in wanted for r in FORMS[f].requires}
         self.names = {f for f in wanted if FORMS[f].standalone and f not in required}
         self.workers = max(1, (os.cpu_count() or 2) // 2)
+        self.scratch = scratch
         self.pool = None
         self.pending: list[tuple[str, str, Future]] = []
 
@@ -150,7 +154,8 @@ class Offload:
 
     def submit(self, form, label: str, files: FileContext, tasks: list[str]) -> dict:
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_use_temp_dir, initargs=(str(self.scratch),))
         self.pending.append((label, form.name, self.pool.submit(form.build_files, files, label, tasks)))
         return {"pending": True}  # replaced by ``collect``
 
@@ -159,3 +164,11 @@ class Offload:
         for label, name, future in self.pending:
             methods[label][name] = future.result()
         self.pending = []
+
+
+def _use_temp_dir(path: str) -> None:
+    """A worker's first step: its temp files go to ``path``."""
+    import tempfile
+
+    os.environ["TMPDIR"] = path
+    tempfile.tempdir = None

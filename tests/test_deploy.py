@@ -324,4 +324,4 @@ def test_offloaded_lossy_forms_that_lose_too_much_are_not_shipped(tmp_path):
         assert forms[name]["unavailable"].startswith("failed its check"), forms[name]
         assert not list(out.glob(f"norm_head/*.{name}.onnx"))
     assert "unavailable" not in forms["shared"] and list(forms) == ["merged", "shared", "fp16", "int8"]
-    assert Offload(["merged", "shared", "fp16", "int8"]).names == {"fp16", "int8"}
+    assert Offload(["merged", "shared", "fp16", "int8"], tmp_path).names == {"fp16", "int8"}
