@@ -3,14 +3,10 @@ against its reference on the test split, and writes ``forms.json``: for each met
 the files a device needs for its K tasks (or why the form is unavailable for that method).
 
 The shared folder (every form that shares base weights) is written to a temp folder, checked
-there, and renamed into place whole: its files point into each other. Forms that need only the
-merged files (FP16, INT8) are built in worker processes meanwhile (``Offload``).
+there, and renamed into place whole: its files point into each other.
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,12 +16,12 @@ from pydantic import BaseModel
 
 from exporters.datafiles import BASE_DATA, SHARED, SharedWriter
 from exporters.forms import FORMS
-from exporters.forms.base import BuildContext, FileContext
+from exporters.forms.base import BuildContext
 from exporters.loader import Loader
 from exporters.onnx import OnnxExporter
 from pipeline.core.compare import within
 from pipeline.core.errors import TaskfoldError
-from pipeline.core.io import atomic_dir, temp_dir, write_json
+from pipeline.core.io import atomic_dir, write_json
 
 
 class CheckFailed(TaskfoldError, RuntimeError):
@@ -75,8 +71,7 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     wanted = ["merged"] + [f for f in FORMS if f in forms and f != "merged"]
     manifest: dict = {"methods": {}}
     base = onnx.load(str(exports / "base.onnx"))
-    with atomic_dir(exports / SHARED) as tmp, temp_dir(exports / "offload") as scratch, \
-            Offload(wanted, scratch) as offload:
+    with atomic_dir(exports / SHARED) as tmp:
         writer = SharedWriter(tmp, base)
         ctx = BuildContext(exports, writer, exporter, Loader(exports, threads, shared_dir=tmp), images,
                            dict(options or {}), log, forms=FORMS)
@@ -85,9 +80,8 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
             ctx.bundle_base(bundle)
             specs = ctx.specs.setdefault(label, {})
             for name in wanted:
-                specs[name] = _build_one(ctx, name, label, bundle, specs, offload)
+                specs[name] = _build_one(ctx, name, label, bundle, specs)
             manifest["methods"][label] = specs
-        offload.collect(manifest["methods"])
         manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items() if loc != BASE_DATA}
         checks = dict(ctx.checks)
         for key, check in ctx.checks.items():  # the branch graphs against torch
@@ -115,60 +109,10 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     return {"forms": manifest, "checks": checks}
 
 
-def _build_one(ctx: BuildContext, name: str, label: str, bundle, built: dict, offload: "Offload") -> dict:
+def _build_one(ctx: BuildContext, name: str, label: str, bundle, built: dict) -> dict:
     form = FORMS[name](ctx.options.get(name))
     missing = [r for r in form.requires if r not in built or "unavailable" in built[r]]
     reason = form.applies(bundle) or (f"needs the {', '.join(missing)} form" if missing else None)
     if reason:
         return {"unavailable": reason}
-    if offload.takes(name):
-        return offload.submit(form, label, FileContext.of(ctx, bundle.tasks), list(bundle.tasks))
     return form.build(ctx, label, bundle)
-
-
-class Offload:
-    """Builds the ``standalone`` forms (FP16, INT8: onnxruntime's quantiser, mostly one core) in
-    worker processes while this one builds the forms that need the whole context. Nothing is
-    offloaded that another wanted form requires, so every ``requires`` check sees a real spec.
-    Leaving the block with an error cancels what has not started. The workers' temp folder is
-    ``scratch`` (in the run directory): what libraries leave in one (onnxruntime writes a file
-    there when imported) stays out of the system's."""
-
-    def __init__(self, wanted: list[str], scratch: Path):
-        required = {r for f in wanted for r in FORMS[f].requires}
-        self.names = {f for f in wanted if FORMS[f].standalone and f not in required}
-        self.workers = max(1, (os.cpu_count() or 2) // 2)
-        self.scratch = scratch
-        self.pool = None
-        self.pending: list[tuple[str, str, Future]] = []
-
-    def __enter__(self) -> "Offload":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def takes(self, name: str) -> bool:
-        return name in self.names
-
-    def submit(self, form, label: str, files: FileContext, tasks: list[str]) -> dict:
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_use_temp_dir, initargs=(str(self.scratch),))
-        self.pending.append((label, form.name, self.pool.submit(form.build_files, files, label, tasks)))
-        return {"pending": True}  # replaced by ``collect``
-
-    def collect(self, methods: dict[str, dict]) -> None:
-        """Wait for every offloaded build and put its spec in place (an error is raised here)."""
-        for label, name, future in self.pending:
-            methods[label][name] = future.result()
-        self.pending = []
-
-
-def _use_temp_dir(path: str) -> None:
-    """A worker's first step: its temp files go to ``path``."""
-    import tempfile
-
-    os.environ["TMPDIR"] = path
-    tempfile.tempdir = None

@@ -83,19 +83,6 @@ class BuildContext:
         return self._bases[sha]
 
 
-@dataclass
-class FileContext:
-    """All a ``standalone`` form's build gets: the exports folder and each task's calibration
-    images (picklable, so the build can run in another process)."""
-
-    exports: Path
-    calibration: dict[str, np.ndarray]
-
-    @classmethod
-    def of(cls, ctx: BuildContext, tasks) -> "FileContext":
-        return cls(ctx.exports, {t: ctx.images[t].calibration for t in tasks})
-
-
 def copy_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -112,10 +99,6 @@ class Form:
     lossy: ClassVar[bool] = False
     # True: built for the CPU it was exported on (the bench leaves it out on a GPU provider)
     cpu_only: ClassVar[bool] = False
-    # True: ``build`` reads only the merged files (``ctx.exports``) and the tasks' calibration
-    # images (``ctx.images``) and writes only its own files, so the builder runs it in a worker
-    # process beside the forms that need the whole context
-    standalone: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else (self.Options() if self.Options else None)
@@ -124,12 +107,6 @@ class Form:
         return None
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
-        if self.standalone:
-            return self.build_files(FileContext.of(ctx, bundle.tasks), label, list(bundle.tasks))
-        raise NotImplementedError
-
-    def build_files(self, ctx: "FileContext", label: str, tasks: list[str]) -> dict:
-        """A ``standalone`` form's build: from the merged files and calibration images only."""
         raise NotImplementedError
 
     def targets(self, loader: Loader, spec: dict) -> dict[str, Callable]:

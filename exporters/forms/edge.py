@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from exporters.forms.base import FileContext, Form, sessions_spec
+from exporters.forms.base import BuildContext, Form, sessions_spec
 from exporters.precision import Int8Recipe, to_fp16, to_int8
 
 
@@ -27,11 +27,10 @@ class Fp16(Form):
     name = "fp16"
     note = "merged, float16 weights and compute"
     lossy = True
-    standalone = True
 
-    def build_files(self, ctx: FileContext, label: str, tasks: list[str]) -> dict:
+    def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         files = {}
-        for t in tasks:
+        for t in bundle.tasks:
             files[t] = f"{label}/{t}.fp16.onnx"
             to_fp16(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
             keep_metadata(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
@@ -43,13 +42,12 @@ class Int8(Form):
     note = "merged, static INT8 (QDQ), calibrated on task images"
     Options: type[BaseModel] = Int8Recipe
     lossy = True
-    standalone = True
 
-    def build_files(self, ctx: FileContext, label: str, tasks: list[str]) -> dict:
+    def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         files = {}
-        for t in tasks:
+        for t in bundle.tasks:
             files[t] = f"{label}/{t}.int8.onnx"
-            to_int8(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t], ctx.calibration[t],
+            to_int8(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t], ctx.images[t].calibration,
                     recipe=self.options)
             keep_metadata(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
         return sessions_spec(files, shared=False)
