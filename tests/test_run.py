@@ -14,7 +14,7 @@ from pipeline.data import DataError
 from pipeline.methods import build_method
 from pipeline.methods.taps import TapsConfig
 from pipeline.stages.runner import Runner
-from pipeline.stages.train import unit_hash
+from pipeline.stages.units import unit_hash
 from pipeline.methods.context import Schedule
 from pipeline.training.engine import TrainingError
 from pipeline.training.incremental import train_task

@@ -309,6 +309,12 @@ def test_run_jobs_trains_every_unit_once_in_two_processes_and_gives_the_one_proc
             a = load_file(str(single / "bundles" / label / "tasks" / f"{task}.safetensors"))
             b = load_file(str(shared / "bundles" / label / "tasks" / f"{task}.safetensors"))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (label, task)
+    # run again: every unit is up to date, so no helper is started
+    again: list[str] = []
+    Runner(parse_config(_jobs_config(tmp_path, 2, methods)), shared, progress=False, log=again.append).run(until="train")
+    assert not any("processes (run.jobs)" in line for line in again)
+    assert (shared / "train" / "jobs" / "job1.log").read_text() == helper_log
+    assert not _trainings(["\n".join(again)])
 
 
 def test_a_unit_failing_in_either_process_stops_the_run_and_leaves_no_helper(tmp_path):

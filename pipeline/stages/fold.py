@@ -10,7 +10,7 @@ from pipeline.methods import REGISTRY, build_method
 from pipeline.methods.base import PoolMethod
 from pipeline.stages.base import Stage, digest
 from pipeline.stages.context import StageContext
-from pipeline.stages.train import units_of
+from pipeline.stages.units import units_of
 
 
 class FoldStage(Stage):

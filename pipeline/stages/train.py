@@ -26,14 +26,15 @@ from pipeline.core.delta import TaskDelta, read_delta, write_delta
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.fold import compare, merge
 from pipeline.core.io import atomic_path, read_json, write_json
-from pipeline.core.versions import version_id, version_pass
+from pipeline.core.versions import version_pass
 from pipeline.methods import REGISTRY, build_method
-from pipeline.methods.base import PoolMethod
 from pipeline.methods.context import Schedule
 from pipeline.stages import helpers
 from pipeline.stages.base import Stage, digest
 from pipeline.stages.context import StageContext
 from pipeline.stages.records import step_ms, task_result
+from pipeline.stages.units import (done, done_joint, joint_finished, joint_hashes_of, passes, unit_hashes,
+                                   untrained)
 from pipeline.training.evaluate import evaluate
 from pipeline.training.incremental import train_task
 from pipeline.training.joint import train_joint
@@ -48,7 +49,8 @@ class TrainStage(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         jobs = ctx.cfg.run.jobs
-        if jobs > 1 and ctx.job == (0, 1) and not ctx.runtime.distributed:
+        # helpers only where there is something to train: on a finished run they would only start and stop
+        if jobs > 1 and ctx.job == (0, 1) and not ctx.runtime.distributed and untrained(ctx):
             return helpers.train_in_processes(self, ctx, jobs)
         return self.train_units(ctx)
 
@@ -56,10 +58,7 @@ class TrainStage(Stage):
         """One pass over every entry's units in this job's order: train what is not up to date,
         is this job's to train and is not held by another job."""
         methods = ctx.cfg.methods
-        joint_hashes: dict[str, str] = {}  # joint entry label -> its unit's hash, in config order
-        for entry in methods:
-            if REGISTRY[entry.name].trainer == "joint":
-                joint_hashes[entry.label] = joint_unit_hash(ctx, entry, joint_hashes)
+        joint_hashes = joint_hashes_of(ctx)
         units: dict[str, str] = {}
         ctx.pending = []
         for position in helpers.entry_order(len(methods), *ctx.job):
@@ -80,45 +79,11 @@ def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
                     t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr", dict(entry.optim), dict(t.optim))
 
 
-def unit_hash(ctx: StageContext, entry: MethodEntry, task, joint_hashes: dict[str, str], earlier: list[str] = (),
-              pass_: int = 1) -> str:
-    """A unit's input hash; ``earlier``: the hashes of the units it borrows from (pool methods)."""
-    cfg = ctx.cfg
-    described = next(m for m in cfg.to_jsonable()["methods"] if m["label"] == entry.label)
-    extra = [list(earlier), pass_] if earlier or pass_ > 1 else []
-    if entry.base:
-        extra.append(joint_hashes[entry.base])
-    return digest("train", ctx.hashes["prepare"], described, task, cfg.train.model_dump(), cfg.run.seed, *extra)
-
-
-def passes(entry: MethodEntry) -> int:
-    method = build_method(entry.name, entry.params)
-    return method.passes if isinstance(method, PoolMethod) else 1
-
-
-def units_of(ctx: StageContext, entry: MethodEntry):
-    """(pass, task, unit folder, version id) of every unit of an incremental or pool entry, in order."""
-    n = passes(entry)
-    for p in range(1, n + 1):
-        for t in ctx.cfg.tasks:
-            yield p, t.name, ctx.run.unit(entry.label, t.name, p if n > 1 else None), version_id(t.name, p)
-
-
-def done(unit, h: str) -> bool:
-    res = unit / "result.json"
-    return res.is_file() and read_json(res).get("hash") == h and (unit / "delta.safetensors").is_file()
-
-
 def waits_for(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str | None:
     """What an entry's units need that is not there yet: the joint unit its ``base`` names."""
     if entry.base and not done_joint(ctx, entry.base, joint_hashes.get(entry.base, "")):
         return f"{entry.base}/joint (its base)"
     return None
-
-
-def done_joint(ctx: StageContext, label: str, h: str) -> bool:
-    res = ctx.run.joint_unit(label) / "result.json"
-    return res.is_file() and read_json(res).get("hash") == h and ctx.run.shared_weights(label).is_file()
 
 
 def attempt(ctx: StageContext, key: str, position: int, unit, wait: str | None, train, finished) -> bool:
@@ -149,14 +114,12 @@ def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[s
     entry's units go to one job together (``position`` is the entry's), in order."""
     pool_method = REGISTRY[entry.name].trainer == "pool"
     n = passes(entry)
-    ledger, units, chain = PoolLedger(), {}, []
+    ledger, units = PoolLedger(), {}
     missing = None  # the first unit of a pool chain that is not there: the later ones wait for it
-    for i, (p, task, unit, _) in enumerate(units_of(ctx, entry)):
-        h = unit_hash(ctx, entry, task, joint_hashes, chain if pool_method else [], p)
+    for i, (p, task, unit, h) in enumerate(unit_hashes(ctx, entry, joint_hashes)):
         key = f"{entry.label}/{task}" + (f"/pass{p}" if n > 1 else "")
         tag = f"{entry.label}/{task}" + (f" pass {p}/{n}" if n > 1 else "")
         units[key] = h
-        chain.append(h)
         if done(unit, h):
             ctx.log(f"train {tag}: up to date, skipped")
         else:
@@ -224,11 +187,6 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
     ctx.log(f"  {tag}: test acc {result['test_acc']:.4f}, fold max diff {check['max_abs_diff']:.2e}")
 
 
-def joint_unit_hash(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str:
-    """The hash of a joint entry's one unit (for every task); ``joint_hashes``: the joint entries before it."""
-    return unit_hash(ctx, entry, [t.name for t in ctx.cfg.tasks], joint_hashes)
-
-
 def train_joint_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str],
                       position: int = 0) -> dict[str, str]:
     """One unit for all tasks."""
@@ -236,8 +194,9 @@ def train_joint_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[
     h = joint_hashes[entry.label]
     unit = ctx.run.joint_unit(entry.label)
     key = f"{entry.label}/joint"
+
     def finished() -> bool:
-        return done_joint(ctx, entry.label, h) and all(ctx.run.delta_file(entry.label, t).is_file() for t in names)
+        return joint_finished(ctx, entry.label, h)
 
     if finished():
         ctx.log(f"train {entry.label} (joint, {len(names)} tasks): up to date, skipped")
