@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from exporters.datafiles import FormError, SharedWriter, tensor_key
+from exporters.datafiles import FormError, SharedWriter, initializer_arrays, tensor_key
 from exporters.latency import runner
 
 
@@ -29,7 +29,7 @@ def write_switch(writer: SharedWriter, name: str, graphs: dict[str, onnx.ModelPr
         if _structure(graphs[t]) != _structure(first):
             raise FormError(f"task graphs differ in structure ({tasks[0]} vs {t}); one switchable graph "
                             "needs the same nodes for every task")
-    values = {t: {i.name: numpy_helper.to_array(i) for i in g.graph.initializer} for t, g in graphs.items()}
+    values = {t: initializer_arrays(g) for t, g in graphs.items()}
     varying = [i.name for i in first.graph.initializer if len({tensor_key(values[t][i.name]) for t in tasks}) > 1]
     if not varying:
         raise FormError("all tasks have identical weights; nothing to switch")

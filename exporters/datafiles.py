@@ -34,6 +34,11 @@ def tensor_key(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """A graph's initializers by name, as arrays (what the forms compare between tasks)."""
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
 def set_external(init: TensorProto, location: str, offset: int, length: int) -> None:
     init.ClearField("raw_data")
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):

@@ -28,11 +28,10 @@ from typing import Callable, Literal
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict
 from safetensors.numpy import load_file, save_file
 
-from exporters.datafiles import SHARED, FormError, external_info, set_external
+from exporters.datafiles import SHARED, FormError, external_info, initializer_arrays, set_external
 from exporters.forms.base import BuildContext, Form
 from exporters.loader import Loader
 from exporters.runtime import onnxruntime
@@ -83,10 +82,6 @@ def _structure(model: onnx.ModelProto) -> list:
     return [(n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in model.graph.node]
 
 
-def _tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
 def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: bool, where: Path):
     """Each task's optimised graph, and the names of the float tensors in which any two differ."""
     graphs = {t: optimise(ctx.exports / label / f"{t}.onnx", where / f"{t}.{int(fuse_norms)}.onnx", fuse_norms)
@@ -96,7 +91,7 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
         if _structure(graphs[t]) != _structure(first):
             raise FormError(f"the optimised graphs of {tasks[0]} and {t} differ in structure; one live session "
                             "needs the same nodes for every task")
-    values = {t: _tensors(g) for t, g in graphs.items()}
+    values = {t: initializer_arrays(g) for t, g in graphs.items()}
     ref = values[tasks[0]]
     switched = sorted(k for k, v in ref.items() if any(not np.array_equal(values[t][k], v) for t in tasks[1:]))
     for k in switched:  # a switch copies values; it cannot change a shape, or the graph's integer constants

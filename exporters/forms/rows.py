@@ -7,9 +7,7 @@ model; a slower bring-up (the assembly). Sessions read the base tensors from the
 sharing them in memory: after the fold nothing reads them. See ``exporters.rowshare``."""
 from __future__ import annotations
 
-from onnx import numpy_helper
-
-from exporters.datafiles import SHARED, tensor_key
+from exporters.datafiles import SHARED, initializer_arrays, tensor_key
 from exporters.forms.base import BuildContext, Form, copy_graph, sessions_spec
 from exporters.rowshare import assemble_in_graph, plan_rows
 
@@ -25,19 +23,19 @@ class Rows(Form):
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         base_graph = ctx.bundle_base(bundle)
         graphs = ctx.merged_graphs(label, list(bundle.tasks))
-        base = {i.name: numpy_helper.to_array(i) for i in base_graph.graph.initializer}
-        tensors = {t: {i.name: numpy_helper.to_array(i) for i in g.graph.initializer} for t, g in graphs.items()}
+        base = initializer_arrays(base_graph)
+        tensors = {t: initializer_arrays(g) for t, g in graphs.items()}
         plan = plan_rows(base, tensors, ctx.writer.inline_bytes)
         if not plan.assembled():
             return {"kind": "sessions", "unavailable": "no tensor repeats rows of the base or of another task; "
                                                        "the shared form stores the same"}
         saved = plan.saved_bytes(tensors)
-        # what the shared form stores: each task's tensors that are not the base's, and the base
-        # file if any whole task tensor is the base's
-        base_keys = {tensor_key(a) for a in base.values() if ctx.writer.stored_outside(a)}
+        # what the shared form stores: each task's tensors that no base file holds (the writer's
+        # registered bases), and the base file if any whole task tensor is in one
         stored = [a for per_task in tensors.values() for a in per_task.values() if ctx.writer.stored_outside(a)]
-        own = sum(a.nbytes for a in stored if tensor_key(a) not in base_keys)
-        extra = ctx.writer.base_bytes if plan.uses_base() and not any(tensor_key(a) in base_keys for a in stored) else 0
+        in_base = [tensor_key(a) in ctx.writer.bases for a in stored]
+        own = sum(a.nbytes for a, shared in zip(stored, in_base) if not shared)
+        extra = ctx.writer.base_bytes if plan.uses_base() and not any(in_base) else 0
         if saved - extra < MIN_SAVING * own:
             return {"kind": "sessions", "unavailable": f"repeated rows would save {saved:,} of the {own:,} bytes the "
                     "shared form stores for the tasks" + (f" but need the {extra:,}-byte base file" if extra else "")
