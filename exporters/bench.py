@@ -90,8 +90,9 @@ def resident_mb(probes: ProcessPoolExecutor | None, exports: Path, form: str, sp
 def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[int], warmup: int, runs: int,
                 threads: int, providers: list[str] | None = None, memory: bool = True, switch_repeats: int = 3,
                 log: Callable[[str], None] = print) -> dict:
-    """Latency of every (method, form, task) and of the base, interleaved in one measure per batch
-    size; then per (method, form): switch time, bytes on disk and resident memory for K tasks."""
+    """Latency of every (method, form, task) and of the base (twice: the noise floor), interleaved
+    in one measure per batch size (``measured``: ``batch<N>`` -> ``label|form|task`` -> its figures);
+    then per (method, form): switch time, bytes on disk and resident memory for K tasks."""
     exports = Path(exports)
     loader = Loader(exports, threads, providers)
     specs = {(label, form): spec for label, m in forms["methods"].items() for form, spec in m.items()
@@ -100,7 +101,8 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
         if cpu := sorted({form for _, form in specs if FORMS[form].cpu_only}):
             log(f"bench forms: {', '.join(cpu)} left out: built for the CPU, not {loader.providers[0]}")
         specs = {k: v for k, v in specs.items() if not FORMS[k[1]].cpu_only}
-    targets: dict[str, Callable] = {"base": runner(loader.open("base.onnx", shared=False))}
+    targets: dict[str, Callable] = {"base": runner(loader.open("base.onnx", shared=False)),
+                                    "base_repeat": runner(loader.open("base.onnx", shared=False))}  # the noise floor
     for (label, form), spec in specs.items():
         for task, fn in FORMS[form]().targets(loader, spec).items():
             targets[f"{label}|{form}|{task}"] = fn
@@ -110,7 +112,8 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
         latency[bs] = measure(targets, image_size, bs, warmup, runs)
     base_bytes = (exports / "base.onnx").stat().st_size
     out = {"providers": loader.providers, "base": {f"batch{bs}": latency[bs]["base"] for bs in batch_sizes},
-           "base_bytes": base_bytes, "methods": {}}
+           "base_bytes": base_bytes, "methods": {},
+           "measured": {f"batch{bs}": latency[bs] for bs in batch_sizes}}
     probes = memory_probes() if memory else None
     try:
         _rows(out, specs, exports, loader, latency, batch_sizes, image_size, threads, probes, switch_repeats, log)

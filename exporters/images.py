@@ -29,6 +29,16 @@ class TaskImages:
             yield x[:left]
             left -= len(x)
 
+    def rest_batches(self) -> Iterable[np.ndarray]:
+        """The test images after the first ``exact_limit``: with ``exact_batches``, all of them once."""
+        if self.exact_limit is None:
+            return
+        skip = self.exact_limit
+        for x in self.batches():
+            if skip < len(x):
+                yield x[skip:]
+            skip = max(0, skip - len(x))
+
     @classmethod
     def from_arrays(cls, calibration: np.ndarray, test: np.ndarray, labels: np.ndarray, batch: int = 256) -> "TaskImages":
         return cls(calibration, lambda: (test[i : i + batch] for i in range(0, len(test), batch)), labels)

@@ -225,7 +225,16 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     # every form that was built was checked on every task (merged is the reference)
     # (no method here repeats rows: the rows form is built and checked in test_rows_form.py)
     assert {k.rsplit("/", 2)[-1] for k in checks} >= set(OPTIONAL) - {"rows"}
-    deploy = read_json(out / "stages" / "bench.json")["deploy"]
+    bench = read_json(out / "stages" / "bench.json")
+    deploy = bench["deploy"]
+    # the merged models are timed once, among the forms: the latency table is that run's figures
+    latency = bench["latency"]["batch2"]
+    assert set(latency) == {"base", "base_repeat", "norm_head/digits", "norm_head/digits_neg", "ftn/digits",
+                            "ftn/digits_neg"} and "measured" not in deploy
+    assert latency["base"] == {**deploy["base"]["batch2"], "ratio_to_base": 1.0}
+    for label, rows in deploy["methods"].items():
+        merged = sorted(latency[f"{label}/{t}"]["median_ms"] for t in ("digits", "digits_neg"))
+        assert rows["merged"]["latency"]["batch2"]["median_ms"] == pytest.approx(np.median(merged))
     for label, rows in deploy["methods"].items():
         for form, row in rows.items():
             spec = forms["methods"][label][form]
@@ -324,3 +333,18 @@ def test_lossy_forms_that_lose_too_much_are_not_shipped(tmp_path):
         assert forms[name]["unavailable"].startswith("failed its check"), forms[name]
         assert not list(out.glob(f"norm_head/*.{name}.onnx"))
     assert "unavailable" not in forms["shared"] and list(forms) == ["merged", "shared", "fp16", "int8"]
+
+
+@pytest.mark.parametrize("limit", [None, 0, 5, 8, 11, 20, 50])
+def test_exact_and_rest_batches_split_the_test_images_once_in_order(limit):
+    """The merged model's full test logits are its exact-check logits plus the rest's: the two
+    iterators must cover every image once, in the split's order, for any limit."""
+    from exporters.images import TaskImages
+
+    test = np.arange(20 * 3, dtype=np.float32).reshape(20, 3, 1, 1)
+    images = TaskImages.from_arrays(test[:2], test, np.arange(20), batch=8)
+    images.exact_limit = limit
+    exact = [x for x in images.exact_batches()]
+    rest = [x for x in images.rest_batches()]
+    assert sum(map(len, exact)) == (20 if limit is None else min(limit, 20))
+    assert np.array_equal(np.concatenate(exact + rest), test)

@@ -133,6 +133,27 @@ def test_nan_loss_is_named_and_writes_no_delta(tmp_path):
     assert not (out / "bundles").exists()
 
 
+@pytest.mark.parametrize("method", ["finetune", "joint_finetune"])
+def test_a_fold_that_differs_from_the_trained_model_stops_the_unit(tmp_path, monkeypatch, method):
+    """The fold check (incremental and joint units) compares the trained model's test logits with
+    the merged model's; a merge that is off by 0.5 in one logit must fail it, before any write."""
+    from pipeline.core import fold
+    from pipeline.stages import train
+
+    def off_by_half(base, delta):
+        merged = fold.merge(base, delta)
+        with torch.no_grad():
+            merged.head.bias[0] += 0.5
+        return merged
+
+    monkeypatch.setattr(train, "merge", off_by_half)
+    out = tmp_path / "out"
+    with pytest.raises(train.FoldError, match=r"digits: the merged model differs .* max \|logit difference\| 0\.5"):
+        Runner(parse_config(tiny_config(tmp_path, methods=[method])), out, progress=False, log=lambda s: None).run()
+    assert not list(out.rglob("delta.safetensors")) and not list(out.rglob("result.json"))
+    assert not (out / "bundles").exists()
+
+
 BROKEN = [
     ({"bogus": 1}, r"cfg\.yaml: bogus: Extra inputs are not permitted"),
     ({"train": {"epochs": "many"}}, r"cfg\.yaml: train\.epochs: Input should be a valid integer"),

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from pipeline.config import MethodEntry
 from pipeline.core.backbones import TaskNet
 from pipeline.core.bundle import base_state
-from pipeline.core.compare import within
+from pipeline.core.compare import compare_logits, model_logits, within
 from pipeline.core.delta import TaskDelta, read_delta, write_delta
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.fold import compare, merge
@@ -35,7 +35,7 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.records import step_ms, task_result
 from pipeline.stages.units import (done, done_joint, joint_finished, joint_hashes_of, passes, unit_hashes,
                                    untrained)
-from pipeline.training.evaluate import evaluate
+from pipeline.training.evaluate import Sample, evaluate, evaluate_with_sample
 from pipeline.training.incremental import train_task
 from pipeline.training.joint import train_joint
 from pipeline.training.pool import PoolLedger
@@ -140,12 +140,18 @@ def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[s
     return units
 
 
-def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: str) -> dict:
+def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: str, sample: Sample | None) -> dict:
     """Does ``delta`` merged onto ``base`` reproduce ``model`` on the task's test images? In
-    float32, on the device the unit trained on (``delta`` and ``base`` are on the CPU)."""
+    float32, on the device the unit trained on (``delta`` and ``base`` are on the CPU). On
+    ``sample`` (the test evaluation's first batch, with ``model``'s logits: not run again) in
+    one process; several processes would each check other images, so they all check the
+    first 256 test images and reach the same verdict."""
     device = next(model.parameters()).device
     merged = merge(base, delta).to(device)
-    check = compare(model, merged, ctx.images(delta.task, limit=256).to(device))
+    if sample is not None and not ctx.runtime.distributed:
+        check = compare_logits(sample.logits, model_logits(merged, sample.inputs))
+    else:
+        check = compare(model, merged, ctx.images(delta.task, limit=256).to(device))
     tol = ctx.cfg.checks.fold_max_abs_diff
     if not within(check, tol) or check["argmax_agree"] < 1.0:  # NaN fails the first test too
         raise FoldError(f"{tag}: the merged model differs from the trained one on the test images: max |logit "
@@ -172,10 +178,10 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
     model = outcome.model
     delta = method.task_delta(model, task).to("cpu").link(versions)
     delta.classes = list(data.classes)
-    check = fold_check(ctx, model, backbone.base_net(), delta, tag)
+    test_acc, sample = evaluate_with_sample(model, data.test, rt)
+    check = fold_check(ctx, model, backbone.base_net(), delta, tag, sample)
     rec = outcome.record
-    result = task_result(h, entry, task, evaluate(model, data.val, rt), evaluate(model, data.test, rt),
-                         rec.history, rec.seconds, step_ms(rec.steps, rec.step_seconds), check,
+    result = task_result(h, entry, task, evaluate(model, data.val, rt), test_acc, rec.history, rec.seconds, step_ms(rec.steps, rec.step_seconds), check,
                          method.describe(model, task), skipped=outcome.skipped_images)
     if rt.main:
         with atomic_path(unit / "delta.safetensors") as tmp:
@@ -223,13 +229,13 @@ def train_joint_unit(ctx: StageContext, entry: MethodEntry, unit, h: str) -> Non
     deltas = {task: method.task_delta(model, task).to("cpu") for task in tasks}
     for task, d in deltas.items():
         d.classes = list(tasks[task].classes)
-    checks = {t: fold_check(ctx, model.use(t), base, d, f"{entry.label}/{t}") for t, d in deltas.items()}
-    results = {}
+    results, checks = {}, {}
     for task, data in tasks.items():  # every task checked before anything is written
+        test_acc, sample = evaluate_with_sample(model.use(task), data.test, rt)
+        checks[task] = fold_check(ctx, model.use(task), base, deltas[task], f"{entry.label}/{task}", sample)
         history = [{"epoch": e["epoch"], "val_acc": e["val_acc"][task]} for e in rec.history]
-        results[task] = task_result(h, entry, task, evaluate(model.use(task), data.val, rt),
-                                    evaluate(model.use(task), data.test, rt), history, seconds, per_step, checks[task],
-                                    method.describe(model, task), joint=True)
+        results[task] = task_result(h, entry, task, evaluate(model.use(task), data.val, rt), test_acc, history,
+                                    seconds, per_step, checks[task], method.describe(model, task), joint=True)
     if rt.main:
         for task, result in results.items():
             with atomic_path(ctx.run.delta_file(entry.label, task)) as tmp:

@@ -2,6 +2,8 @@
 on the unit's device, each process over its share of the split and reduced across processes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,16 +23,34 @@ def batches(split: Split, batch_size: int, runtime: Runtime, bad: BadImages | No
             yield batch.x.to(runtime.device, non_blocking=True), batch.y.to(runtime.device, non_blocking=True)
 
 
+@dataclass
+class Sample:
+    """The first batch this process evaluated and the model's logits on it: a later check of the
+    same model on those images (the fold check) reuses them instead of running them again."""
+
+    inputs: torch.Tensor
+    logits: torch.Tensor
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, runtime: Runtime | None = None, batch_size: int = 256) -> float:
+def evaluate_with_sample(model: nn.Module, split: Split, runtime: Runtime | None = None,
+                         batch_size: int = 256) -> tuple[float, Sample | None]:
+    """Accuracy on ``split`` (over all processes), and this process's first batch with its logits."""
     runtime = runtime or Runtime()
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    sample = None
     for x, y in batches(split, batch_size, runtime):
-        counts[0] += (model(x).argmax(1) == y).sum()
+        logits = model(x)
+        sample = sample or Sample(x, logits)
+        counts[0] += (logits.argmax(1) == y).sum()
         counts[1] += len(y)
     runtime.all_sum(counts)
-    return float(counts[0] / counts[1].clamp_min(1))
+    return float(counts[0] / counts[1].clamp_min(1)), sample
+
+
+def evaluate(model: nn.Module, split: Split, runtime: Runtime | None = None, batch_size: int = 256) -> float:
+    return evaluate_with_sample(model, split, runtime, batch_size)[0]
 
 
 @torch.no_grad()
