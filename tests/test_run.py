@@ -99,6 +99,27 @@ def test_changing_one_method_retrains_only_that_method(finished_run, tmp_path):
     assert any(s.startswith("fold taps") for s in logs)
 
 
+@pytest.mark.parametrize("method", ["taps", "joint_finetune"])
+def test_validating_less_often_trains_the_same_weights(tmp_path, method):
+    """``train.validate_every`` skips validations (the last epoch is always validated); the
+    trained deltas are bit-identical and the unit's hash does not change."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for every in (1, 2):
+        raw = tiny_config(tmp_path, methods=[method])
+        raw["train"] |= {"epochs": 3, "validate_every": every}
+        out = tmp_path / f"every{every}"
+        Runner(parse_config(raw), out, progress=False, log=lambda s: None).run(until="train")
+        runs[every] = out
+    for delta in runs[1].rglob("delta.safetensors"):
+        a, b = load_file(str(delta)), load_file(str(runs[2] / delta.relative_to(runs[1])))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result = json.loads(next(runs[2].rglob("digits/result.json")).read_text())
+    assert ["val_acc" in e for e in result["history"]] == [False, True, True]  # epochs 2 and 3 (the last)
+    assert result["hash"] == json.loads(next(runs[1].rglob("digits/result.json")).read_text())["hash"]
+
+
 def test_resumed_training_equals_uninterrupted(tmp_path, digits16):
     bb = build_backbone("tiny_convnet", "none")
     sched = Schedule(epochs=3, batch_size=32, lr=0.05)

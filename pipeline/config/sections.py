@@ -98,6 +98,8 @@ class TrainConfig(Strict):
         default_factory=dict, description="per parameter group, for every entry: laid over the methods' own "
                                           "defaults, under each entry's optim")
     recalibrate_norms: bool = Field(True, description="re-estimate BatchNorm statistics on the train split at the end")
+    validate_every: int = Field(1, ge=1, description="validate after every N-th epoch and after the last; the "
+                                                     "trained weights do not depend on it (not in a unit's hash)")
     augment: str = Field("none", description="none | standard (RandomResizedCrop + flip) | a timm auto-augment "
                                              "string (rand-m9-mstd0.5), on top of the standard crop and flip")
     sync_bn: bool = Field(False, description="SyncBatchNorm across the processes of a torchrun (CUDA only)")

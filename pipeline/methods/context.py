@@ -29,6 +29,11 @@ class Schedule:
     lr_source: str = "train.lr"  # the config field the lr comes from, for messages that say what to change
     groups: dict[str, Any] = field(default_factory=dict)  # group -> GroupOptions the entry sets (its ``optim``)
     run_groups: dict[str, Any] = field(default_factory=dict)  # group -> GroupOptions of ``train.optim``
+    validate_every: int = 1
+
+    def validates(self, epoch: int) -> bool:
+        """Is the model validated after ``epoch`` (0-based): every ``validate_every``-th, and the last."""
+        return (epoch + 1) % self.validate_every == 0 or epoch + 1 == self.epochs
 
 
 @dataclass

@@ -76,7 +76,8 @@ def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
     i = ctx.cfg.methods.index(entry)
     return Schedule(entry.epochs if entry.epochs is not None else t.epochs, t.batch_size,
                     entry.lr if entry.lr is not None else t.lr, t.momentum, t.weight_decay, t.head_lr_scale,
-                    t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr", dict(entry.optim), dict(t.optim))
+                    t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr", dict(entry.optim), dict(t.optim),
+                    t.validate_every)
 
 
 def waits_for(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str | None:
@@ -233,7 +234,8 @@ def train_joint_unit(ctx: StageContext, entry: MethodEntry, unit, h: str) -> Non
     for task, data in tasks.items():  # every task checked before anything is written
         test_acc, sample = evaluate_with_sample(model.use(task), data.test, rt)
         checks[task] = fold_check(ctx, model.use(task), base, deltas[task], f"{entry.label}/{task}", sample)
-        history = [{"epoch": e["epoch"], "val_acc": e["val_acc"][task]} for e in rec.history]
+        history = [{"epoch": e["epoch"], **({"val_acc": e["val_acc"][task]} if "val_acc" in e else {})}
+                   for e in rec.history]
         results[task] = task_result(h, entry, task, evaluate(model.use(task), data.val, rt), test_acc, history,
                                     seconds, per_step, checks[task], method.describe(model, task), joint=True)
     if rt.main:

@@ -2,7 +2,8 @@
 is done when its result holds its hash. The train stage trains what is not; the fold stage and
 the helpers' start read the same facts.
 
-A unit's hash covers the prepared data, the entry, the task, the train section and the seed; a
+A unit's hash covers the prepared data, the entry, the task, the train section (but how often
+it validates) and the seed; a
 pool unit's also the units before it (it borrows from them), and an entry with ``base`` the
 joint unit it starts from.
 """
@@ -25,7 +26,8 @@ def unit_hash(ctx: StageContext, entry: MethodEntry, task, joint_hashes: dict[st
     extra = [list(earlier), pass_] if earlier or pass_ > 1 else []
     if entry.base:
         extra.append(joint_hashes[entry.base])
-    return digest("train", ctx.hashes["prepare"], described, task, cfg.train.model_dump(), cfg.run.seed, *extra)
+    train = cfg.train.model_dump(exclude={"validate_every"})  # what decides the trained weights
+    return digest("train", ctx.hashes["prepare"], described, task, train, cfg.run.seed, *extra)
 
 
 def joint_unit_hash(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str:

@@ -141,11 +141,14 @@ class TaskTrainer:
             bar.set_postfix(loss=f"{total[0] / total[1]:.3f}")
         rt.all_sum(total)
         check_finite(self.model, f"{method.name}/{data.name}", schedule.lr, schedule.lr_source, epoch)
-        val = evaluate(self.model, data.val, rt)
         mean_loss = float(total[0] / total[1].clamp_min(1))
+        row = {"epoch": epoch + 1, "train_loss": mean_loss}
+        if schedule.validates(epoch):
+            row["val_acc"] = evaluate(self.model, data.val, rt)
         if self.progress and rt.main:
-            tqdm.write(f"  {method.name}/{data.name} epoch {epoch + 1}: loss {mean_loss:.4f}, val acc {val:.4f}")
-        return {"epoch": epoch + 1, "train_loss": mean_loss, "val_acc": val}
+            tqdm.write(f"  {method.name}/{data.name} epoch {epoch + 1}: loss {mean_loss:.4f}"
+                       + (f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""))
+        return row
 
 
 def train_task(backbone: Backbone, data: TaskData, method: IncrementalMethod, schedule: Schedule, seed: int,

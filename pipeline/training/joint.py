@@ -212,9 +212,10 @@ class JointTrainer:
         self.optimisers.set_phase(None)
         s = self.schedule
         check_finite(self.model, f"{self.method.name} (joint)", s.lr, s.lr_source, epoch)
-        rec = {"epoch": epoch + 1, "train_loss": losses, **self.validate()}
+        rec = {"epoch": epoch + 1, "train_loss": losses, **(self.validate() if s.validates(epoch) else {})}
         if self.progress and self.runtime.main:
-            tqdm.write(f"  {self.desc} epoch {epoch + 1}: loss {losses}, mean val acc {rec['mean_val_acc']:.4f}")
+            tqdm.write(f"  {self.desc} epoch {epoch + 1}: loss {losses}"
+                       + (f", mean val acc {rec['mean_val_acc']:.4f}" if "mean_val_acc" in rec else ""))
         return rec
 
     def validate(self) -> dict:
