@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.core.compare import compare_logits
+from pipeline.core.compare import compare_logits, model_logits
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import atomic_path
 
@@ -136,7 +136,7 @@ class OnnxExporter:
 
 
 @torch.no_grad()
-def parity(model: torch.nn.Module, sess, batches: Iterable, batch_size: int = 256) -> dict[str, float]:
+def parity(model: torch.nn.Module, sess, batches: Iterable, batch_size: int = 64) -> dict[str, float]:
     """Run torch and onnxruntime on the same (normalised) image batches: max abs diff, argmax
     agreement. ``batches``: numpy or torch batches, or one tensor cut into ``batch_size`` batches."""
     from exporters.latency import runner
@@ -144,10 +144,9 @@ def parity(model: torch.nn.Module, sess, batches: Iterable, batch_size: int = 25
     if isinstance(batches, (torch.Tensor, np.ndarray)):
         batches = [batches[i : i + batch_size] for i in range(0, len(batches), batch_size)]
     fn = runner(sess)
-    model.eval()
     ref, got = [], []
     for x in batches:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        ref.append(model(x).numpy())
-        got.append(fn(x.numpy())[0])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ref.append(model_logits(model, torch.from_numpy(x)).numpy())
+        got.append(fn(x)[0])
     return compare_logits(np.concatenate(ref), np.concatenate(got))

@@ -35,7 +35,7 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.records import step_ms, task_result
 from pipeline.stages.units import (done, done_joint, joint_finished, joint_hashes_of, passes, unit_hashes,
                                    untrained)
-from pipeline.training.evaluate import Sample, evaluate, evaluate_with_sample
+from pipeline.training.evaluate import SAMPLE_IMAGES, Sample, evaluate, evaluate_with_sample
 from pipeline.training.incremental import train_task
 from pipeline.training.joint import train_joint
 from pipeline.training.pool import PoolLedger
@@ -152,7 +152,7 @@ def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: s
     if sample is not None and not ctx.runtime.distributed:
         check = compare_logits(sample.logits, model_logits(merged, sample.inputs))
     else:
-        check = compare(model, merged, ctx.images(delta.task, limit=256).to(device))
+        check = compare(model, merged, ctx.images(delta.task, limit=SAMPLE_IMAGES).to(device))
     tol = ctx.cfg.checks.fold_max_abs_diff
     if not within(check, tol) or check["argmax_agree"] < 1.0:  # NaN fails the first test too
         raise FoldError(f"{tag}: the merged model differs from the trained one on the test images: max |logit "

@@ -9,48 +9,60 @@ from torch import nn
 
 from pipeline.data import BadImages, Split
 from pipeline.methods.multitask import MultiTaskNet, TaskNorms
+from pipeline.training.engine import MEMORY_FORMAT
 from pipeline.training.runtime import Runtime
 
 BN = nn.modules.batchnorm._BatchNorm
+# Batches of 64 in channels-last: on a CPU, EfficientNet-Lite0 at 64 px evaluated 1.5 ms per image
+# against 3.9 in NCHW batches of 256 (1 thread; the batches that fit the caches win)
+EVAL_BATCH = 64
+SAMPLE_IMAGES = 256  # test images a unit's fold check runs on
 
 
 def batches(split: Split, batch_size: int, runtime: Runtime, bad: BadImages | None = None):
-    """This process's share of ``split`` in order, on the device (each image once overall)."""
+    """This process's share of ``split`` in order, on the device, channels-last (each image once overall)."""
     bad = bad or BadImages(runtime.on_bad_image)
     for batch in split.loader(batch_size, rank=runtime.rank, world=runtime.world, pad=False):
         bad.check(batch, split.dataset.where)
         if len(batch.y):
-            yield batch.x.to(runtime.device, non_blocking=True), batch.y.to(runtime.device, non_blocking=True)
+            x = batch.x.to(runtime.device, non_blocking=True)
+            yield (x.contiguous(memory_format=MEMORY_FORMAT) if x.dim() == 4 else x,
+                   batch.y.to(runtime.device, non_blocking=True))
 
 
 @dataclass
 class Sample:
-    """The first batch this process evaluated and the model's logits on it: a later check of the
-    same model on those images (the fold check) reuses them instead of running them again."""
+    """The first images this process evaluated and the model's logits on them: a later check of
+    the same model on those images (the fold check) reuses them instead of running them again."""
 
     inputs: torch.Tensor
     logits: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_with_sample(model: nn.Module, split: Split, runtime: Runtime | None = None,
-                         batch_size: int = 256) -> tuple[float, Sample | None]:
-    """Accuracy on ``split`` (over all processes), and this process's first batch with its logits."""
+def evaluate_with_sample(model: nn.Module, split: Split, runtime: Runtime | None = None, batch_size: int = EVAL_BATCH,
+                         sample_images: int = SAMPLE_IMAGES) -> tuple[float, Sample | None]:
+    """Accuracy on ``split`` (over all processes), and this process's first ``sample_images``
+    images with their logits (None if it evaluated none)."""
     runtime = runtime or Runtime()
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    sample = None
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    left = sample_images
     for x, y in batches(split, batch_size, runtime):
         logits = model(x)
-        sample = sample or Sample(x, logits)
+        if left > 0:
+            kept.append((x[:left], logits[:left]))
+            left -= len(kept[-1][0])
         counts[0] += (logits.argmax(1) == y).sum()
         counts[1] += len(y)
     runtime.all_sum(counts)
+    sample = Sample(torch.cat([x for x, _ in kept]), torch.cat([z for _, z in kept])) if kept else None
     return float(counts[0] / counts[1].clamp_min(1)), sample
 
 
-def evaluate(model: nn.Module, split: Split, runtime: Runtime | None = None, batch_size: int = 256) -> float:
-    return evaluate_with_sample(model, split, runtime, batch_size)[0]
+def evaluate(model: nn.Module, split: Split, runtime: Runtime | None = None, batch_size: int = EVAL_BATCH) -> float:
+    return evaluate_with_sample(model, split, runtime, batch_size, sample_images=0)[0]
 
 
 @torch.no_grad()
