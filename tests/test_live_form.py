@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -60,6 +61,38 @@ def test_norm_only_tasks_switch_only_their_small_tensors(live_run):
         tensors = load_file(str(exports / spec["tasks"]["digits"]))
         assert len(tensors) == spec["switched_tensors"]
         assert sum(v.nbytes for v in tensors.values()) == spec["switched_bytes"]
+    # unfused norms run as depthwise convs: no BatchNorm and no layout round trip left in the graph
+    ops = [n.op_type for n in onnx.load(str(exports / m["norm_head"]["live"]["graph"]), load_external_data=False).graph.node]
+    assert "BatchNormalization" not in ops and ops.count("ReorderInput") <= 1
+
+
+def test_norms_as_depthwise_convs_compute_the_same_and_leave_other_norms_alone(tmp_path):
+    """Each BatchNorm after a conv becomes a 1x1 depthwise conv with the same outputs; a norm
+    whose input is not a conv's output (here the network's input) stays as it is."""
+    import onnxruntime as ort
+    import torch
+
+    from exporters.forms.live import norms_as_depthwise
+    from exporters.onnx import INPUT, OnnxExporter
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU6(), torch.nn.Conv2d(8, 8, 1, bias=False), torch.nn.BatchNorm2d(8))
+    gen = torch.Generator().manual_seed(0)
+    for bn in (net[0], net[2], net[5]):
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.data = torch.randn(t.shape, generator=gen)
+        bn.running_var.data = torch.rand(bn.running_var.shape, generator=gen) + 0.5
+    model = onnx.load(str(OnnxExporter(8).export(net.eval(), tmp_path / "net.onnx")))  # as merged graphs are made
+    rewritten = norms_as_depthwise(model)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("BatchNormalization") == 1 and ops.count("Conv") == 4
+    names = {i.name for i in rewritten.graph.initializer}
+    assert all(i in names for n in rewritten.graph.node for i in n.input if i != INPUT and i not in
+               {o for m in rewritten.graph.node for o in m.output})  # every tensor a node reads is there
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    run = {k: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {INPUT: x})[0]
+           for k, m in (("before", model), ("after", rewritten))}
+    np.testing.assert_allclose(run["after"], run["before"], rtol=1e-5, atol=1e-5)
 
 
 def test_a_live_form_built_on_another_cpu_is_refused_naming_both(live_run):

@@ -76,8 +76,8 @@ def schedule(ctx: StageContext, entry: MethodEntry) -> Schedule:
     i = ctx.cfg.methods.index(entry)
     return Schedule(entry.epochs if entry.epochs is not None else t.epochs, t.batch_size,
                     entry.lr if entry.lr is not None else t.lr, t.momentum, t.weight_decay, t.head_lr_scale,
-                    t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr", dict(entry.optim), dict(t.optim),
-                    t.validate_every)
+                    t.recalibrate_norms, f"methods[{i}].lr" if entry.lr is not None else "train.lr",
+                    dict(entry.optim), dict(t.optim), t.validate_every)
 
 
 def waits_for(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[str, str]) -> str | None:
@@ -143,10 +143,10 @@ def train_task_entry(ctx: StageContext, entry: MethodEntry, joint_hashes: dict[s
 
 def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: str, sample: Sample | None) -> dict:
     """Does ``delta`` merged onto ``base`` reproduce ``model`` on the task's test images? In
-    float32, on the device the unit trained on (``delta`` and ``base`` are on the CPU). On
-    ``sample`` (the test evaluation's first batch, with ``model``'s logits: not run again) in
-    one process; several processes would each check other images, so they all check the
-    first 256 test images and reach the same verdict."""
+    float32, on the device the unit trained on (``delta`` and ``base`` are on the CPU). In one
+    process, on ``sample`` (the first test images the test evaluation ran, with ``model``'s
+    logits, so ``model`` is not run again); several processes would each check other images,
+    so they all check the first ``SAMPLE_IMAGES`` test images and reach the same verdict."""
     device = next(model.parameters()).device
     merged = merge(base, delta).to(device)
     if sample is not None and not ctx.runtime.distributed:
@@ -182,8 +182,9 @@ def train_unit(ctx: StageContext, entry: MethodEntry, task: str, unit, h: str, t
     test_acc, sample = evaluate_with_sample(model, data.test, rt)
     check = fold_check(ctx, model, backbone.base_net(), delta, tag, sample)
     rec = outcome.record
-    result = task_result(h, entry, task, evaluate(model, data.val, rt), test_acc, rec.history, rec.seconds, step_ms(rec.steps, rec.step_seconds), check,
-                         method.describe(model, task), skipped=outcome.skipped_images)
+    result = task_result(h, entry, task, evaluate(model, data.val, rt), test_acc, rec.history, rec.seconds,
+                         step_ms(rec.steps, rec.step_seconds), check, method.describe(model, task),
+                         skipped=outcome.skipped_images)
     if rt.main:
         with atomic_path(unit / "delta.safetensors") as tmp:
             write_delta(tmp, delta)
