@@ -122,6 +122,32 @@ def test_a_tampered_task_file_is_refused_naming_file_and_tensor(live_run, tmp_pa
         Live().resident(Loader(copy, 1), spec)
 
 
+def test_a_task_file_cut_short_is_refused_at_load_or_at_its_switch(live_run, tmp_path):
+    """Task tensors are read from their files at each switch: a file whose data ends early is
+    refused when the session opens; one cut after it opened fails that switch, naming the file,
+    and leaves no mixed state (the next switch to a good task gives its merged outputs)."""
+    import shutil
+
+    exports, forms = live_run
+    copy = tmp_path / "exports"
+    shutil.copytree(exports, copy)
+    spec = forms["methods"]["finetune"]["live"]
+    path = copy / spec["tasks"]["digits_neg"]
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-4])
+    with pytest.raises(FormError, match=rf"{path.name}: tensor .* past the file's end"):
+        Live().resident(Loader(copy, 1), spec)
+    path.write_bytes(whole)
+    loader = Loader(copy, 1)
+    live = Live().resident(loader, spec)
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FormError, match=rf"{path.name}: tensor .* ends early"):
+        live.use("digits_neg")
+    x = _x()
+    merged = runner(loader.open("finetune/digits.onnx"))(x)[0]
+    np.testing.assert_allclose(live.runner("digits")(x)[0], merged, rtol=1e-4, atol=1e-4)
+
+
 def test_the_live_form_cannot_run_on_a_gpu_provider(live_run):
     exports, forms = live_run
     spec = forms["methods"]["finetune"]["live"]

@@ -1,8 +1,8 @@
 """live: one onnxruntime session per method on a graph onnxruntime already optimised for this
 CPU (``shared/<label>.live.onnx``), and per task the tensors in which tasks differ
-(``shared/<label>.live.<task>.safetensors``). A task switch copies the task's tensors into the
-live session's weight buffers: no new session, and the session runs the merged model's own
-optimised kernels, so it answers at merged latency.
+(``shared/<label>.live.<task>.safetensors``). A task switch reads the task's tensors from its
+file into the live session's weight buffers: no new session, and the session runs the merged
+model's own optimised kernels, so it answers at merged latency.
 
 How it works: onnxruntime's optimiser (level ALL) rewrites a merged model into blocked-layout
 (NCHWc) convolutions with reordered weights, per CPU. That rewritten graph is saved once per
@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, ConfigDict
 from onnx import numpy_helper
-from safetensors.numpy import load_file, save_file
+from pydantic import BaseModel, ConfigDict
+from safetensors.numpy import save_file
 
 from exporters.datafiles import SHARED, FormError, external_info, initializer_arrays, set_external
 from exporters.forms.base import BuildContext, Form
@@ -147,14 +148,45 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
     return graphs, values, switched
 
 
-def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """name -> (byte offset in the file, length) of each tensor of a safetensors file (an 8-byte
-    little-endian header length, a JSON header, then the raw little-endian tensor data)."""
+FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # safetensors dtype -> numpy
+
+
+def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, byte offset in the file, length) of each tensor of a safetensors
+    file (an 8-byte little-endian header length, a JSON header, then the raw little-endian data)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > path.stat().st_size:
+            raise ValueError(f"header of {n} bytes in a file of {path.stat().st_size}")
         header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+    return {k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
             for k, v in header.items() if k != "__metadata__"}
+
+
+def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (byte offset in the file, length) of each tensor of a safetensors file."""
+    return {k: (offset, length) for k, (_, _, offset, length) in safetensors_layout(path).items()}
+
+
+def task_layout(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], graph: str) -> dict:
+    """A live task file's layout (``safetensors_layout``), each tensor checked against the graph's
+    (``shapes``: name -> (dims, ONNX dtype)) and to lie within the file."""
+    try:
+        layout = safetensors_layout(path)
+        size = path.stat().st_size
+    except Exception as err:  # noqa: BLE001 - any unreadable file is named
+        raise FormError(f"{path}: not a readable live-form task file: {err}") from None
+    for k, (dtype, shape, offset, length) in layout.items():
+        want = shapes.get(k)
+        fits = want is not None and dtype in FLOATS and want[0] == shape and \
+            onnx.helper.np_dtype_to_tensor_dtype(np.dtype(FLOATS[dtype])) == want[1]
+        if not fits:
+            raise FormError(f"{path}: tensor {k!r} {dtype}{list(shape)} does not fit {graph} "
+                            f"({'no such tensor' if want is None else list(want[0])})")
+        if length != int(np.prod(shape)) * np.dtype(FLOATS[dtype]).itemsize or offset + length > size:
+            raise FormError(f"{path}: tensor {k!r} has {length} bytes at {offset}, not its shape's, or past the "
+                            f"file's end ({size} bytes)")
+    return layout
 
 
 def point_into(model: onnx.ModelProto, task_file: Path, names: set[str]) -> onnx.ModelProto:
@@ -222,9 +254,10 @@ class Live(Form):
 
 
 class LiveSession:
-    """The session and the buffers it reads its switched tensors from; ``use(task)`` copies a
-    task's tensors into them. Every task file is read and checked at load (names, shapes and
-    dtypes against the graph), so a switch cannot fail half-way."""
+    """The session and the buffers it reads its switched tensors from; ``use(task)`` reads a
+    task's tensors from its file into them. Task tensors are not kept in memory (the files are:
+    the OS caches them): 4 finetune tasks would hold 54 MB. Every task file's layout is checked
+    at load (names, shapes, dtypes against the graph, and that the data is in the file)."""
 
     def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
                  providers: list[str] | None = None):
@@ -243,23 +276,15 @@ class LiveSession:
                 raise FormError(f"{graph}: tensor {init.name!r} reads {location!r}; a live graph reads only its "
                                 "task files beside it")
         del proto
-        self.tasks: dict[str, dict[str, np.ndarray]] = {}
-        for task, path in task_files.items():
-            try:
-                tensors = load_file(str(path))
-            except Exception as err:  # noqa: BLE001 - any unreadable file is named
-                raise FormError(f"{path}: not a readable live-form task file: {err}") from None
-            for k, v in tensors.items():
-                want = shapes.get(k)
-                if want is None or want[0] != v.shape or onnx.helper.np_dtype_to_tensor_dtype(v.dtype) != want[1]:
-                    raise FormError(f"{path}: tensor {k!r} {v.dtype}{list(v.shape)} does not fit {graph.name} "
-                                    f"({'no such tensor' if want is None else list(want[0])})")
-            self.tasks[task] = tensors
-        names = [set(t) for t in self.tasks.values()]
+        self.files = dict(task_files)
+        self.layouts = {task: task_layout(path, shapes, graph.name) for task, path in task_files.items()}
+        names = [set(t) for t in self.layouts.values()]
         if any(n != names[0] for n in names):
             raise FormError(f"{graph}: its task files switch different tensors; every task file must hold the same names")
-        first = next(iter(self.tasks))
-        self.buffers = {k: v.copy() for k, v in self.tasks[first].items()}
+        first = next(iter(self.layouts))
+        self.buffers = {k: np.empty(shape, FLOATS[dtype]) for k, (dtype, shape, _, _) in self.layouts[first].items()}
+        self.active: str | None = None
+        self.use(first)
         ort = onnxruntime()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimised already
@@ -274,12 +299,23 @@ class LiveSession:
             opts.add_initializer(k, v)
         self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        self.active = first
 
     def use(self, task: str) -> None:
         if task != self.active:
-            for k, buf in self.buffers.items():
-                np.copyto(buf, self.tasks[task][k])
+            self.active = None  # a read that fails half-way leaves mixed buffers: the next use reads all again
+            path, layout = self.files[task], self.layouts[task]
+            try:
+                with open(path, "rb") as f:
+                    for k, buf in self.buffers.items():
+                        _, _, offset, length = layout[k]
+                        f.seek(offset)
+                        if f.readinto(buf.reshape(-1).view(np.uint8)) != length:
+                            raise FormError(f"{path}: tensor {k!r} ends early; the file changed after the session "
+                                            "opened")
+                        if sys.byteorder == "big":  # safetensors data is little-endian
+                            buf.byteswap(inplace=True)
+            except OSError as err:
+                raise FormError(f"{path}: cannot read the task's tensors: {err}") from None
             self.active = task
 
     def runner(self, task: str) -> Callable:
