@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.numpy import save_file
 
 from exporters.datafiles import SHARED, FormError, initializer_arrays, set_external
-from exporters.forms.base import BuildContext, Form
+from exporters.forms.base import BuildContext, Form, copy_graph
 from exporters.live_session import LiveSession, cpu_signature, safetensors_offsets
 from exporters.loader import Loader
 from exporters.runtime import onnxruntime
@@ -86,8 +86,7 @@ def norms_as_depthwise(model: onnx.ModelProto) -> onnx.ModelProto:
                   numpy_helper.from_array((shift - mean * mul).astype(np.float32), b)]
         nodes.append(onnx.helper.make_node("Conv", [n.input[0], w, b], list(n.output), name=f"{n.name}.depthwise",
                                            group=len(mul), kernel_shape=[1, 1]))
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_graph(model)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     used = {i for n in nodes for i in n.input}

@@ -34,20 +34,22 @@ def compare_logits(reference, candidate, labels=None) -> dict[str, float]:
     return out
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """An image batch (4-D) in channels-last, the layout evaluations run in; other inputs as
+    they are. With batches of 64, about 2.6x faster per image on a CPU than NCHW batches of 256
+    (EfficientNet-Lite0, 64 px, measured on a 2-core x86 CPU)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 @torch.no_grad()
 def model_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """A torch model's logits over ``images`` in eval mode, batch by batch; its mode is restored.
-    Image batches run channels-last and small: on a CPU about 2.6x faster per image than NCHW
-    batches of 256 (EfficientNet-Lite0, 64 px, measured on a 2-core x86 CPU)."""
+    """A torch model's logits over ``images`` in eval mode, in small channels-last batches
+    (``channels_last``); its mode is restored."""
     was = model.training
     model.eval()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
-
     try:
-        return torch.cat([run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]) \
-            if len(images) else torch.empty(0)
+        batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        return torch.cat([model(channels_last(x)) for x in batches]) if batches else torch.empty(0)
     finally:
         model.train(was)
 

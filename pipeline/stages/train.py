@@ -24,7 +24,7 @@ from pipeline.core.bundle import base_state
 from pipeline.core.compare import compare_logits, model_logits, within
 from pipeline.core.delta import TaskDelta, read_delta, write_delta
 from pipeline.core.errors import TaskfoldError
-from pipeline.core.fold import compare, merge
+from pipeline.core.fold import merge
 from pipeline.core.io import atomic_path, read_json, write_json
 from pipeline.core.versions import version_pass
 from pipeline.methods import REGISTRY, build_method
@@ -148,11 +148,10 @@ def fold_check(ctx: StageContext, model, base: TaskNet, delta: TaskDelta, tag: s
     logits, so ``model`` is not run again); several processes would each check other images,
     so they all check the first ``SAMPLE_IMAGES`` test images and reach the same verdict."""
     device = next(model.parameters()).device
-    merged = merge(base, delta).to(device)
-    if sample is not None and not ctx.runtime.distributed:
-        check = compare_logits(sample.logits, model_logits(merged, sample.inputs))
-    else:
-        check = compare(model, merged, ctx.images(delta.task, limit=SAMPLE_IMAGES).to(device))
+    if sample is None or ctx.runtime.distributed:
+        x = ctx.images(delta.task, limit=SAMPLE_IMAGES).to(device)
+        sample = Sample(x, model_logits(model, x))
+    check = compare_logits(sample.logits, model_logits(merge(base, delta).to(device), sample.inputs))
     tol = ctx.cfg.checks.fold_max_abs_diff
     if not within(check, tol) or check["argmax_agree"] < 1.0:  # NaN fails the first test too
         raise FoldError(f"{tag}: the merged model differs from the trained one on the test images: max |logit "
