@@ -8,15 +8,22 @@ between tasks already resident (the switch form's session, the shared base weigh
 
 * merged / fp16 / int8: load the task's model file into a new session;
 * shared: new session whose base weights are already resident (``add_initializer``);
-* switch: load the task's adapter file into the resident session.
+* switch: load the task's adapter file into the resident session;
+* live: read the task's tensors from its file into the resident session's buffers;
+* bound: bind the task's tensors, which the resident session holds for every task.
 
 Resident memory is measured in a fresh process per form: RSS after loading the K tasks and
 running each once, minus RSS before. The processes are forked from one server that has
 imported onnxruntime already (multiprocessing's forkserver with preloaded modules), so a probe
-costs a fork, not an interpreter start. Memory is read from ``/proc`` (Linux).
+costs a fork, not an interpreter start. Memory is read from ``/proc`` (Linux). Loading frees
+much of what it allocates (model protos, load-time copies), and glibc keeps freed heap in the
+process: ``resident_mb`` is read after handing it back (``malloc_trim``, what a server does
+after loading its tasks), ``resident_untrimmed_mb`` before. Without it, allocator slack decides
+the figure (a merged EfficientNet-Lite0 session here: 26-31 MB, against 16 MB it holds).
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -53,17 +60,50 @@ def _rss_mb() -> float:
     raise OSError("no VmRSS in /proc/self/status")
 
 
-def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int) -> float:
-    """MB of RSS that loading every task of ``spec`` (and one run each) adds to this process."""
-    import onnxruntime  # noqa: F401  (the library's own footprint is not the form's)
+def release_freed_heap() -> bool:
+    """Hand the heap memory this process has freed back to the OS (glibc's ``malloc_trim``);
+    False where there is no glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
+
+def _warm_onnxruntime(threads: int) -> None:
+    """One session of a one-node graph, run once: what any first session costs a process
+    (onnxruntime's environment, kernel registry, thread pools), whatever its model."""
+    import onnx
+
+    from exporters.runtime import onnxruntime
+
+    ort = onnxruntime()
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "warm", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros((1, 4), np.float32)})
+
+
+def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int) -> tuple[float, float]:
+    """MB of RSS that loading every task of ``spec`` (and one run each) adds to this process:
+    after its freed heap is handed back to the OS, and before."""
+    _warm_onnxruntime(threads)  # the library's own footprint (its first session sets up globals) is not the form's
+    release_freed_heap()
     before = _rss_mb()
     loader = Loader(Path(exports), threads)
     x = np.zeros((1, 3, image_size, image_size), np.float32)
     keep = FORMS[form]().targets(loader, spec)
     for fn in keep.values():
         fn(x)
-    return _rss_mb() - before
+    untrimmed = _rss_mb() - before
+    release_freed_heap()
+    return _rss_mb() - before, untrimmed
 
 
 def memory_probes() -> ProcessPoolExecutor | None:
@@ -77,7 +117,7 @@ def memory_probes() -> ProcessPoolExecutor | None:
 
 
 def resident_mb(probes: ProcessPoolExecutor | None, exports: Path, form: str, spec: dict, image_size: int,
-                threads: int) -> float | None:
+                threads: int) -> tuple[float, float] | None:
     """``_resident`` in a process of its own, so earlier sessions and allocator state do not count."""
     if probes is None:
         return None
@@ -142,7 +182,8 @@ def _rows(out: dict, specs: dict, exports: Path, loader: Loader, latency: dict, 
                                             "ratio_to_merged": ms / merged}
         row["switch_ms"] = switch_ms(loader, form, spec, image_size, switch_repeats)
         if probes is not None:
-            row["resident_mb"] = resident_mb(probes, exports, form, spec, image_size, threads)
+            row["resident_mb"], row["resident_untrimmed_mb"] = resident_mb(probes, exports, form, spec, image_size,
+                                                                           threads)
         out["methods"].setdefault(label, {})[form] = row
         log(f"  {label}/{form}: {row['bytes']:,} bytes for {len(tasks)} tasks, switch {row['switch_ms']:.1f} ms"
             + (f", resident {row['resident_mb']:.1f} MB" if row.get("resident_mb") is not None else ""))

@@ -39,6 +39,31 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
+def stored_outside(arr: np.ndarray, inline_bytes: int = INLINE_BYTES) -> bool:
+    """Weights of ``inline_bytes`` or more go to data files. Integer tensors (shapes, axes)
+    stay in the graph, where onnxruntime's shape inference must read them at load."""
+    return arr.dtype.kind == "f" and arr.nbytes >= inline_bytes
+
+
+def move_out(model: onnx.ModelProto, path: Path, skip: set[str]) -> bool:
+    """The graph's embedded weights (``stored_outside``), but those named in ``skip``, moved to
+    the data file ``path`` (referred to by its name: it lies beside the graph). False, and no
+    file, when there are none."""
+    data = DataFile(path)
+    moved = 0
+    for init in model.graph.initializer:
+        if init.name in skip or init.data_location == TensorProto.EXTERNAL:
+            continue
+        arr = numpy_helper.to_array(init)
+        if stored_outside(arr):
+            set_external(init, path.name, *data.add(arr))
+            moved += 1
+    data.close()
+    if not moved:
+        path.unlink()
+    return bool(moved)
+
+
 def set_external(init: TensorProto, location: str, offset: int, length: int) -> None:
     init.ClearField("raw_data")
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
@@ -54,7 +79,7 @@ def external_info(init: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in init.external_data}
 
 
-class _DataFile:
+class DataFile:
     """Tensors appended to one file at aligned offsets, each distinct tensor once."""
 
     def __init__(self, path: Path):
@@ -103,22 +128,20 @@ class SharedWriter:
         if not new and location != BASE_DATA:
             return 0
         (self.out / location).parent.mkdir(parents=True, exist_ok=True)
-        data = _DataFile(self.out / location)
+        data = DataFile(self.out / location)
         for arr in new:
             self.bases[tensor_key(arr)] = (location, *data.add(arr))
         self.base_files[location] = data.close()
         return self.base_files[location]
 
     def stored_outside(self, arr: np.ndarray) -> bool:
-        """Weights of ``inline_bytes`` or more go to data files. Integer tensors (shapes, axes)
-        stay in the graph, where onnxruntime's shape inference must read them at load."""
-        return arr.dtype.kind == "f" and arr.nbytes >= self.inline_bytes
+        return stored_outside(arr, self.inline_bytes)
 
     def write_pool(self, location: str, arrays: list[np.ndarray]) -> dict[str, tuple[str, int, int]]:
         """Write tensors that several graphs of one form read (a method's stored rows) to
         ``location``, each once; pass the result to ``write_graph(pool=...)``. Unlike a base
         file, sessions do not share these in memory: each reads what it needs."""
-        data = _DataFile(self.out / location)
+        data = DataFile(self.out / location)
         placed = {tensor_key(a): (location, *data.add(a)) for a in arrays if self.stored_outside(a)}
         data.close()
         return placed
@@ -128,7 +151,7 @@ class SharedWriter:
         """Save ``model`` as ``name.onnx`` (+ ``name.data`` for its own tensors); the model's
         tensors are moved out of the proto. Tensors found in the base files or in ``pool``
         (``write_pool``) point there. Returns bytes and counts."""
-        own = _DataFile(self.out / f"{name}.data")
+        own = DataFile(self.out / f"{name}.data")
         shared = own_n = 0
         used = set()
         pool = pool or {}

@@ -1,8 +1,14 @@
-"""The live form's runtime side: one onnxruntime session on a graph optimised for this CPU, whose
-switched tensors live in buffers taskfold owns, and the task files a switch reads into them
-(``exporters.forms.live`` builds both). A switch reads from the file, so no task's tensors are
-held in the process; every task file's layout is checked against the graph when the session
-opens, and the graph's CPU signature against this machine's."""
+"""The runtime side of the live graph (``exporters.forms.live`` builds it): one onnxruntime
+session on a graph optimised for this CPU, and per task a file of the tensors in which tasks
+differ. Two ways to run it, one per form:
+
+* ``LiveSession`` (form ``live``): the switched tensors live in buffers taskfold owns, and a
+  switch reads the task's file into them, so the process holds one set of task tensors;
+* ``BoundSession`` (form ``bound``): the switched tensors are graph inputs, every task's are read
+  once and bound to the session per task (IOBinding), so a switch copies nothing.
+
+Both check every task file's layout against the graph when they open, and the graph's CPU
+signature against this machine's (``LiveFiles``)."""
 from __future__ import annotations
 
 import json
@@ -78,74 +84,173 @@ def task_layout(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], grap
     return layout
 
 
-class LiveSession:
-    """The session and the buffers it reads its switched tensors from; ``use(task)`` reads a
-    task's tensors from its file into them. Task tensors are not kept in memory (the files are:
-    the OS caches them): 4 finetune tasks would hold 54 MB. Every task file's layout is checked
-    at load (names, shapes, dtypes against the graph, and that the data is in the file)."""
+class LiveFiles:
+    """A live graph and its task files, checked before any session opens: the graph was optimised
+    on a CPU like this one, reads external data only from its task files, and every task file holds
+    the same tensors, each of the graph's shape and dtype and within the file."""
 
-    def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
-                 providers: list[str] | None = None):
+    def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, providers: list[str] | None = None):
         if providers and providers[0] != "CPUExecutionProvider":
-            raise FormError(f"{graph}: the live form is optimised for a CPU; it cannot run on {providers[0]}")
+            raise FormError(f"{graph}: the live graph is optimised for a CPU; it cannot run on {providers[0]}")
         here = cpu_signature()
         if built_on and built_on != here:
             raise FormError(f"{graph}: optimised for {built_on}, this machine is {here}; rebuild the live form here "
                             "(taskfold export BUNDLE --out DIR --forms live)")
         proto = onnx.load(str(graph), load_external_data=False)
         shapes = {i.name: (tuple(i.dims), i.data_type) for i in proto.graph.initializer}
-        allowed = {p.name for p in task_files.values() if p.parent == graph.parent}
+        self.data = graph.with_suffix(".data")  # the tensors no task switches
+        allowed = {p.name for p in task_files.values() if p.parent == graph.parent} | {self.data.name}
         for init in proto.graph.initializer:
             location = external_info(init).get("location")
             if init.data_location == onnx.TensorProto.EXTERNAL and location not in allowed:
                 raise FormError(f"{graph}: tensor {init.name!r} reads {location!r}; a live graph reads only its "
-                                "task files beside it")
+                                "task files and its data file beside it")
         del proto
+        self.graph = graph
         self.files = dict(task_files)
         self.layouts = {task: task_layout(path, shapes, graph.name) for task, path in task_files.items()}
         names = [set(t) for t in self.layouts.values()]
         if any(n != names[0] for n in names):
             raise FormError(f"{graph}: its task files switch different tensors; every task file must hold the same names")
-        first = next(iter(self.layouts))
-        self.buffers = {k: np.empty(shape, FLOATS[dtype]) for k, (dtype, shape, _, _) in self.layouts[first].items()}
+        self.first = next(iter(self.layouts))
+
+    def read(self, task: str, into: dict[str, np.ndarray]) -> None:
+        """The task's tensors from its file into ``into`` (name -> array of the tensor's shape)."""
+        path, layout = self.files[task], self.layouts[task]
+        try:
+            with open(path, "rb") as f:
+                for k, buf in into.items():
+                    _, _, offset, length = layout[k]
+                    f.seek(offset)
+                    if f.readinto(buf.reshape(-1).view(np.uint8)) != length:
+                        raise FormError(f"{path}: tensor {k!r} ends early; the file changed after the session opened")
+                    if sys.byteorder == "big":  # safetensors data is little-endian
+                        buf.byteswap(inplace=True)
+        except OSError as err:
+            raise FormError(f"{path}: cannot read the task's tensors: {err}") from None
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """Arrays for one task's tensors (uninitialised)."""
+        return {k: np.empty(shape, FLOATS[dtype]) for k, (dtype, shape, _, _) in self.layouts[self.first].items()}
+
+
+def session_options(threads: int):
+    """The graph is optimised already, and kernels must read the tensors taskfold hands them
+    (a prepacked copy would not follow a switch)."""
+    ort = onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+class LiveSession:
+    """The session and the buffers it reads its switched tensors from; ``use(task)`` reads a
+    task's tensors from its file into them. Task tensors are not kept in memory (the files are:
+    the OS caches them): 4 finetune tasks would hold 54 MB."""
+
+    def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
+                 providers: list[str] | None = None):
+        self.files = LiveFiles(graph, task_files, built_on, providers)
+        self.buffers = self.files.empty()
         self.active: str | None = None
-        self.use(first)
+        self.use(self.files.first)
         ort = onnxruntime()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # it is optimised already
-        opts.add_session_config_entry("session.disable_prepacking", "1")  # kernels read our buffers, not a copy
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        opts = session_options(threads)
         self._values = {k: ort.OrtValue.ortvalue_from_numpy(b) for k, b in self.buffers.items()}
         for k, v in self._values.items():
-            opts.add_initializer(k, v)
+            opts.add_initializer(k, v)  # onnxruntime reads these buffers in place
         self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def use(self, task: str) -> None:
         if task != self.active:
             self.active = None  # a read that fails half-way leaves mixed buffers: the next use reads all again
-            path, layout = self.files[task], self.layouts[task]
-            try:
-                with open(path, "rb") as f:
-                    for k, buf in self.buffers.items():
-                        _, _, offset, length = layout[k]
-                        f.seek(offset)
-                        if f.readinto(buf.reshape(-1).view(np.uint8)) != length:
-                            raise FormError(f"{path}: tensor {k!r} ends early; the file changed after the session "
-                                            "opened")
-                        if sys.byteorder == "big":  # safetensors data is little-endian
-                            buf.byteswap(inplace=True)
-            except OSError as err:
-                raise FormError(f"{path}: cannot read the task's tensors: {err}") from None
+            self.files.read(task, self.buffers)
             self.active = task
 
     def runner(self, task: str) -> Callable:
         def run(x):
             self.use(task)
             return self.session.run(None, {self.input: x})
+
+        return run
+
+
+class BoundSession:
+    """One session on the live graph with its switched tensors turned into graph inputs, and
+    every task's tensors read once (the files may change or go afterwards) and bound to the
+    session in an IOBinding per task. A switch picks another binding: nothing is copied and no
+    session is made, so the first answer of a task costs what any answer does. The process holds
+    every task's tensors (4 finetune tasks: 54 MB), which ``LiveSession`` does not."""
+
+    def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
+                 providers: list[str] | None = None):
+        ort = onnxruntime()
+        self.files = LiveFiles(graph, task_files, built_on, providers)
+        proto = onnx.load(str(graph), load_external_data=False)  # small: its tensors are in data files
+        switched = set(self.files.layouts[self.files.first])
+        moved = [i for i in proto.graph.initializer if i.name in switched]
+        kept = [i for i in proto.graph.initializer if i.name not in switched]
+        self.input = proto.graph.input[0].name
+        self.outputs = [o.name for o in proto.graph.output]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        proto.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in moved)
+        opts = session_options(threads)
+        fixed = self._fixed_tensors(kept)
+        if fixed:  # onnxruntime copies them; a model made from bytes cannot read files itself
+            opts.add_external_initializers(list(fixed), [ort.OrtValue.ortvalue_from_numpy(a) for a in fixed.values()])
+        # onnxruntime's Python session keeps the bytes it was made from: they hold no tensor data
+        self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        del proto, moved, kept, fixed
+        self.tensors: dict[str, dict[str, np.ndarray]] = {}
+        self.bindings = {}
+        for task in self.files.files:
+            arrays = self.files.empty()
+            self.files.read(task, arrays)
+            binding = self.session.io_binding()
+            for k, a in arrays.items():
+                binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(a))  # no copy: the arrays stay
+            self.tensors[task], self.bindings[task] = arrays, binding
+
+    def _fixed_tensors(self, inits: list) -> dict[str, np.ndarray]:
+        """The graph's tensors that no task switches, read from its data file (each checked to
+        lie within the file and to have its shape's length)."""
+        external = [i for i in inits if i.data_location == onnx.TensorProto.EXTERNAL]
+        if not external:
+            return {}
+        path, out = self.files.data, {}
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                for init in external:
+                    info = external_info(init)
+                    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+                    offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+                    if length != int(np.prod(init.dims)) * dtype.itemsize or offset + length > size:
+                        raise FormError(f"{path}: tensor {init.name!r} has {length} bytes at {offset}, not its "
+                                        f"shape's, or past the file's end ({size} bytes)")
+                    f.seek(offset)
+                    raw = np.frombuffer(f.read(length), dtype)  # little-endian, as ONNX stores it
+                    out[init.name] = raw.astype(dtype.newbyteorder("=")).reshape(tuple(init.dims))
+        except OSError as err:
+            raise FormError(f"{path}: cannot read the live graph's tensors: {err}") from None
+        return out
+
+    def runner(self, task: str) -> Callable:
+        binding = self.bindings[task]
+
+        def run(x):
+            binding.bind_cpu_input(self.input, np.ascontiguousarray(x, dtype=np.float32))
+            for name in self.outputs:
+                binding.bind_output(name)
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
 
         return run

@@ -23,7 +23,7 @@ from tests.conftest import tiny_config
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
-    cfg = tiny_config(tmp, methods=["finetune", "norm_head", "linear_probe"], export={"forms": ["live"]},
+    cfg = tiny_config(tmp, methods=["finetune", "norm_head", "linear_probe"], export={"forms": ["live", "bound"]},
                       bench={"warmup": 1, "runs": 2, "batch_sizes": [2], "forms": False})
     cfg["backbone"]["kwargs"] = {"width": 32}
     out = tmp / "run"
@@ -195,3 +195,53 @@ def test_tasks_with_heads_of_different_sizes_get_no_live_form_and_the_reason(tmp
     Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run(until="export")
     spec = read_json(out / "exports" / "forms.json")["methods"]["linear_probe"]["live"]
     assert "a live switch only copies float values of one shape" in spec["unavailable"]
+
+
+def test_the_bound_form_gives_each_tasks_merged_outputs_from_the_live_files(live_run):
+    """``bound`` runs the live files with every task's tensors held and bound per task: the same
+    outputs as merged on every switch, no files of its own, and the files may change afterwards."""
+    from exporters.forms.bound import Bound
+
+    exports, forms = live_run
+    for label in ("finetune", "norm_head"):
+        live, bound = forms["methods"][label]["live"], forms["methods"][label]["bound"]
+        assert bound["files"] == live["files"] and bound["bytes"] == live["bytes"]
+        loader = Loader(exports, 1)
+        session = Bound().resident(loader, bound)
+        x = _x()
+        merged = {t: runner(loader.open(f"{label}/{t}.onnx"))(x)[0] for t in bound["tasks"]}
+        for task in ["digits", "digits_neg", "digits", "digits_neg"]:
+            np.testing.assert_allclose(session.runner(task)(x)[0], merged[task], rtol=1e-4, atol=1e-4)
+        assert set(session.tensors["digits"]) == set(load_file(str(exports / live["tasks"]["digits"])))
+
+
+def test_the_bound_form_refuses_what_the_live_form_refuses(live_run, tmp_path):
+    import shutil
+
+    from exporters.forms.bound import Bound
+    from exporters.live_session import BoundSession
+
+    exports, forms = live_run
+    spec = forms["methods"]["finetune"]["bound"]
+    other = json.loads(json.dumps(spec))
+    other["built_on"]["flags"] = other["built_on"]["flags"] + ["avx512f_elsewhere"]
+    with pytest.raises(FormError, match="optimised for .*avx512f_elsewhere"):
+        Bound().resident(Loader(exports, 1), other)
+    with pytest.raises(FormError, match="cannot run on CUDAExecutionProvider"):
+        BoundSession(Loader(exports, 1).path(spec["graph"]), {}, spec["built_on"], 1, ["CUDAExecutionProvider"])
+    copy = tmp_path / "exports"
+    shutil.copytree(exports, copy)
+    path = copy / spec["tasks"]["digits_neg"]
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(FormError, match=rf"{path.name}: tensor .* past the file's end"):
+        Bound().resident(Loader(copy, 1), spec)
+    # the tensors no task switches are in the graph's own data file, read when the session opens
+    norms = forms["methods"]["norm_head"]["bound"]
+    data = copy / norms["graph"].replace(".onnx", ".data")
+    assert norms["graph"].replace(".onnx", ".data") in norms["files"]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(FormError, match=rf"{data.name}: tensor .* past the file's end"):
+        Bound().resident(Loader(copy, 1), norms)
+    data.unlink()
+    with pytest.raises(FormError, match=rf"{data.name}: cannot read the live graph's tensors"):
+        Bound().resident(Loader(copy, 1), norms)

@@ -4,6 +4,7 @@ back end (TensorRT engines, a GPU runtime) is its own module plus a line here; t
 from __future__ import annotations
 
 from exporters.forms.base import BuildContext, Form
+from exporters.forms.bound import Bound
 from exporters.forms.branch import Branch, BranchSwitch
 from exporters.forms.edge import Fp16, Int8
 from exporters.forms.live import Live
@@ -18,6 +19,7 @@ FORMS: dict[str, type[Form]] = {form.name: form for form in (
     Rows,
     Switch,
     Live,
+    Bound,
     Branch,
     BranchSwitch,
     Fp16,

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict
 from safetensors.numpy import save_file
 
-from exporters.datafiles import SHARED, FormError, initializer_arrays, set_external
+from exporters.datafiles import SHARED, FormError, initializer_arrays, move_out, set_external
 from exporters.forms.base import BuildContext, Form, copy_graph
 from exporters.live_session import LiveSession, cpu_signature, safetensors_offsets
 from exporters.loader import Loader
@@ -129,7 +129,9 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
 
 def point_into(model: onnx.ModelProto, task_file: Path, names: set[str]) -> onnx.ModelProto:
     """The graph with its switched tensors read from the first task's file (ONNX external data at
-    the tensors' offsets), so the files hold them once per task, not once more in the graph."""
+    the tensors' offsets), so the files hold them once per task, not once more in the graph. The
+    other tensors go to the graph's own data file (``move_out``), so a session can be made from
+    the small graph with its tensors handed over apart (``BoundSession``)."""
     offsets = safetensors_offsets(task_file)
     for init in model.graph.initializer:
         if init.name in names:
@@ -160,13 +162,14 @@ class Live(Form):
                 files[t] = f"{label}.live.{t}.safetensors"
                 with atomic_path(ctx.writer.out / files[t]) as tmp:
                     save_file({k: np.ascontiguousarray(values[t][k]) for k in switched}, str(tmp))
-            graph = f"{label}.live.onnx"
+            graph, data = f"{label}.live.onnx", f"{label}.live.data"
             model = point_into(graphs[tasks[0]], ctx.writer.out / files[tasks[0]], set(switched))
+            own = [data] if move_out(model, ctx.writer.out / data, set(switched)) else []  # the tensors no task switches
             with atomic_path(ctx.writer.out / graph) as tmp:
                 onnx.save_model(model, str(tmp))
         per_task = sum(values[tasks[0]][k].nbytes for k in switched)
         return {"kind": "live", "graph": f"{SHARED}/{graph}", "tasks": {t: f"{SHARED}/{f}" for t, f in files.items()},
-                "files": sorted([f"{SHARED}/{graph}"] + [f"{SHARED}/{f}" for f in files.values()]),
+                "files": sorted(f"{SHARED}/{f}" for f in [graph, *own, *files.values()]),
                 "switched_tensors": len(switched), "switched_bytes": per_task, "fused_norms": fuse,
                 "built_on": cpu_signature()}
 
