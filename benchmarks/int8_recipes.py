@@ -26,17 +26,22 @@ from pipeline.core.io import read_json
 from pipeline.stages.context import StageContext
 from pipeline.stages.rundir import RunDir
 
+OLD = {"bias_correction": False, "depthwise_full_range": False}  # the recipe before both existed
 RECIPES = {
-    "int8w_u8a_q1": Int8Recipe(reduce_range=False, float_first_conv=False),
-    "int8w_u8a_f1": Int8Recipe(reduce_range=False),
-    "int8w7_u8a_q1": Int8Recipe(float_first_conv=False),
-    "int8w7_u8a_f1 (default)": Int8Recipe(),
-    "u8w_u8a_f1": Int8Recipe(weights="uint8", reduce_range=False),
-    "int8w_s8a_f1": Int8Recipe(activations="int8", reduce_range=False),
-    "default_pct": Int8Recipe(calibration="percentile"),
-    "default_pct9999": Int8Recipe(calibration="percentile", percentile=99.99),
-    "default_last1": Int8Recipe(float_last=1),
-    "default_last2": Int8Recipe(float_last=2),
+    "int8w_u8a_q1": Int8Recipe(reduce_range=False, float_first_conv=False, **OLD),
+    "int8w_u8a_f1": Int8Recipe(reduce_range=False, **OLD),
+    "int8w7_u8a_q1": Int8Recipe(float_first_conv=False, **OLD),
+    "int8w7_u8a_f1": Int8Recipe(**OLD),
+    "u8w_u8a_f1": Int8Recipe(weights="uint8", reduce_range=False, **OLD),
+    "int8w_s8a_f1": Int8Recipe(activations="int8", reduce_range=False, **OLD),
+    "int8w7_pct": Int8Recipe(calibration="percentile", **OLD),
+    "int8w7_pct9999": Int8Recipe(calibration="percentile", percentile=99.99, **OLD),
+    "int8w7_last1": Int8Recipe(float_last=1, **OLD),
+    "int8w7_last2": Int8Recipe(float_last=2, **OLD),
+    "int8w7_dw8": Int8Recipe(bias_correction=False),
+    "int8w7_bc": Int8Recipe(depthwise_full_range=False),
+    "int8w7_dw8_bc (default)": Int8Recipe(),
+    "int8w_bc": Int8Recipe(reduce_range=False),
 }
 
 

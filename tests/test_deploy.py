@@ -15,14 +15,13 @@ from torch import nn
 from exporters.adapters import AdapterTarget, write_switch
 from exporters.forms import FORMS, OPTIONAL
 from exporters.datafiles import BASE_DATA, FormError, SharedWriter, external_info
-from exporters.precision import to_fp16, to_int8
+from exporters.precision import Int8Recipe, to_fp16, to_int8
 from exporters.weights import SharedWeights
 from exporters.latency import runner
 from exporters.onnx import OnnxExporter
 from exporters.runtime import session
 from exporters.runtime import RuntimeUnavailable
 from pipeline.cli import main
-from exporters.precision import Int8Recipe
 from pipeline.config import parse_config
 from pipeline.core.delta import CPPart, LowRank
 from pipeline.core.io import read_json
@@ -173,9 +172,37 @@ def test_int8_folds_norms_and_follows_its_recipe(tmp_path, graphs, recipe):
     assert not any(n.op_type == "BatchNormalization" for n in graph.node)  # folded before quantising
     quantised = [c.input[1] in made_by and made_by[c.input[1]].op_type == "DequantizeLinear" for c in convs]
     assert quantised[0] is not recipe.float_first_conv and all(quantised[1:])  # by default the input layer stays float
-    weights = [inits[made_by[c.input[1]].input[0]] for c in convs if c.input[1] in made_by]
-    top = 64 if recipe.reduce_range else 127  # 7 bits avoid VPMADDUBSW saturation
-    assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() == top for w in weights)
+    def top(conv):  # 7 bits avoid VPMADDUBSW saturation; the depthwise kernel widens first, so keeps 8
+        depthwise = next((a.i for a in conv.attribute if a.name == "group"), 1) > 1
+        return 64 if recipe.reduce_range and not (depthwise and recipe.depthwise_full_range) else 127
+
+    weights = {c.name: (inits[made_by[c.input[1]].input[0]], top(c)) for c in convs if c.input[1] in made_by}
+    if recipe.reduce_range:  # the tiny convnet has a depthwise conv and dense ones: both widths show
+        assert {t for _, t in weights.values()} == {64, 127}
+    assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() == t for w, t in weights.values())
+
+
+def test_bias_correction_takes_out_the_mean_shift_of_rounded_weights(tmp_path):
+    """A conv whose inputs have a large mean: rounding its weights to 7 bits shifts every output
+    channel's mean by (W_q - W) E[x]. With bias correction the INT8 model's mean output matches
+    FP32's to a small part of that shift; without it, it does not."""
+    import torch
+
+    from exporters.onnx import OnnxExporter
+
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 1))
+    for conv in net:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=gen) * 0.3
+    src = OnnxExporter(8).export(net.eval(), tmp_path / "net.onnx")
+    x = (np.random.default_rng(0).standard_normal((64, 3, 8, 8)) + 3).astype(np.float32)  # mean 3 per channel
+    ref = _ref(src, x).mean(axis=(0, 2, 3))
+    shift = {}
+    for on in (False, True):
+        recipe = Int8Recipe(bias_correction=on, float_first_conv=False)
+        got = _ref(to_int8(src, tmp_path / f"net.{on}.onnx", x, recipe=recipe), x).mean(axis=(0, 2, 3))
+        shift[on] = np.abs(got - ref).mean()
+    assert shift[True] < 0.3 * shift[False], shift
 
 
 def test_int8_float_last_and_percentile_calibration_change_what_they_say(tmp_path, graphs):
