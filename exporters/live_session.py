@@ -231,6 +231,9 @@ class BoundSession:
             with open(path, "rb") as f:
                 for init in external:
                     info = external_info(init)
+                    if info.get("location") != path.name:  # switched tensors were taken out: only this file is left
+                        raise FormError(f"{self.files.graph}: tensor {init.name!r} reads {info.get('location')!r}, "
+                                        f"not {path.name}; no task switches it")
                     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
                     offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
                     if length != int(np.prod(init.dims)) * dtype.itemsize or offset + length > size:

@@ -144,6 +144,7 @@ class Live(Form):
     note = "one session on a graph pre-optimised for this CPU; a switch copies the task's tensors in"
     Options = LiveOptions
     cpu_only = True
+    session = LiveSession  # how the files run (``exporters.forms.bound`` runs them another way)
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         tasks = list(bundle.tasks)
@@ -180,15 +181,14 @@ class Live(Form):
         size = {fuse: sum(vals[tasks[0]][k].nbytes for k in sw) for fuse, (_, vals, sw) in built.items()}
         return size[True] <= 2 * size[False]
 
-    def resident(self, loader: Loader, spec: dict) -> "LiveSession":
-        return LiveSession(loader.path(spec["graph"]), {t: loader.path(f) for t, f in spec["tasks"].items()},
-                           spec.get("built_on", {}), loader.threads, loader.providers)
+    def resident(self, loader: Loader, spec: dict):
+        return self.session(loader.path(spec["graph"]), {t: loader.path(f) for t, f in spec["tasks"].items()},
+                            spec.get("built_on", {}), loader.threads, loader.providers)
 
     def targets(self, loader: Loader, spec: dict) -> dict[str, Callable]:
         live = self.resident(loader, spec)
         return {t: live.runner(t) for t in spec["tasks"]}
 
     def bring_up(self, loader: Loader, spec: dict, task: str, resident=None) -> Callable:
-        live = resident if resident is not None else self.resident(loader, spec)
-        live.use(task)
-        return live.runner(task)
+        """The task's runner; its first call makes the switch (a live session reads the task's file)."""
+        return (resident if resident is not None else self.resident(loader, spec)).runner(task)
