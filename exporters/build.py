@@ -68,7 +68,12 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     error (a bug, nothing written), a lossy one (FP16, INT8) that loses too much is not shipped
     (its files removed, the reason in ``forms.json``). Returns ``{"forms": ..., "checks": ...}``."""
     exports = Path(exports)
-    wanted = ["merged"] + [f for f in FORMS if f in forms and f != "merged"]
+    asked = set(forms)
+    for name in list(asked):  # a form is built from the forms it requires (bound from live): they come along
+        asked |= set(FORMS[name].requires)
+    if added := sorted(asked - set(forms)):
+        log(f"export: also building {', '.join(added)}, which {', '.join(sorted(set(forms)))} are built from")
+    wanted = ["merged"] + [f for f in FORMS if f in asked and f != "merged"]
     manifest: dict = {"methods": {}}
     base = onnx.load(str(exports / "base.onnx"))
     with atomic_dir(exports / SHARED) as tmp:

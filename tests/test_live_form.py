@@ -245,3 +245,18 @@ def test_the_bound_form_refuses_what_the_live_form_refuses(live_run, tmp_path):
     data.unlink()
     with pytest.raises(FormError, match=rf"{data.name}: cannot read the live graph's tensors"):
         Bound().resident(Loader(copy, 1), norms)
+
+
+def test_asking_for_the_bound_form_alone_builds_the_live_files_it_runs(tmp_path):
+    from exporters.bundles import export_bundles
+    from pipeline.api import load_bundle
+
+    cfg = tiny_config(tmp_path, methods=["norm_head"], train={"epochs": 1, "batch_size": 32, "lr": 0.05})
+    out = tmp_path / "run"
+    Runner(parse_config(cfg), out, progress=False, log=lambda s: None).run(until="fold")
+    said = []
+    export_bundles({"norm_head": load_bundle(out / "bundles" / "norm_head").bundle}, tmp_path / "exp", forms=["bound"],
+                   threads=1, log=said.append)
+    forms = read_json(tmp_path / "exp" / "forms.json")["methods"]["norm_head"]
+    assert "unavailable" not in forms["bound"] and forms["bound"]["files"] == forms["live"]["files"]
+    assert any("also building live" in line for line in said)
