@@ -260,3 +260,11 @@ def test_asking_for_the_bound_form_alone_builds_the_live_files_it_runs(tmp_path)
     forms = read_json(tmp_path / "exp" / "forms.json")["methods"]["norm_head"]
     assert "unavailable" not in forms["bound"] and forms["bound"]["files"] == forms["live"]["files"]
     assert any("also building live" in line for line in said)
+
+
+def test_a_config_asking_for_bound_gets_live_too(tmp_path):
+    """As `taskfold export`: the forms a form is built from come along (bound runs the live files)."""
+    cfg = tiny_config(tmp_path, export={"forms": ["bound"]})
+    forms = cfg["export"]["forms"]
+    assert parse_config(cfg).export.forms == ["bound", "live"]
+    assert forms == ["bound"]  # the caller's config is not changed

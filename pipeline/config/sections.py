@@ -137,9 +137,9 @@ class ExportBase(Strict):
         unknown = [f for f in forms if f not in OPTIONAL]
         if unknown:
             raise ValueError(f"unknown deployment form(s) {unknown}; known: {OPTIONAL}")
-        for f in forms:
-            if missing := [r for r in FORMS[f].requires if r not in forms]:
-                raise ValueError(f"form {f!r} is built from {missing}: list them too")
+        forms = list(forms)
+        for f in list(forms):  # a form comes with the forms it is built from (bound with live), as in `taskfold export`
+            forms += [r for r in FORMS[f].requires if r not in forms]
         return forms
 
     def form_options(self) -> dict[str, BaseModel]:
