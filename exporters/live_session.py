@@ -19,7 +19,10 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from exporters import channel_scales
+from exporters.channel_scales import SUFFIX
 from exporters.datafiles import FormError, external_info
 from exporters.runtime import onnxruntime
 
@@ -65,16 +68,22 @@ def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
 
 def task_layout(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], graph: str) -> dict:
     """A live task file's layout (``safetensors_layout``), each tensor checked against the graph's
-    (``shapes``: name -> (dims, ONNX dtype)) and to lie within the file."""
+    (``shapes``: name -> (dims, ONNX dtype)) and to lie within the file. A tensor named
+    ``name + channel_scales.SUFFIX`` holds the per-output-channel scales of the graph's ``name``."""
     try:
         layout = safetensors_layout(path)
         size = path.stat().st_size
     except Exception as err:  # noqa: BLE001 - any unreadable file is named
         raise FormError(f"{path}: not a readable live-form task file: {err}") from None
     for k, (dtype, shape, offset, length) in layout.items():
-        want = shapes.get(k)
-        fits = want is not None and dtype in FLOATS and want[0] == shape and \
-            onnx.helper.np_dtype_to_tensor_dtype(np.dtype(FLOATS[dtype])) == want[1]
+        target = k.removesuffix(SUFFIX)
+        want = shapes.get(target)
+        if want is None or dtype not in FLOATS or onnx.helper.np_dtype_to_tensor_dtype(np.dtype(FLOATS[dtype])) != want[1]:
+            fits = False
+        elif k != target:
+            fits = channel_scales.blocked(want[0], shape) is not None
+        else:
+            fits = want[0] == shape
         if not fits:
             raise FormError(f"{path}: tensor {k!r} {dtype}{list(shape)} does not fit {graph} "
                             f"({'no such tensor' if want is None else list(want[0])})")
@@ -84,10 +93,40 @@ def task_layout(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], grap
     return layout
 
 
+def graph_tensors(graph: Path, data: Path, inits: list) -> dict[str, np.ndarray]:
+    """The values of the live graph's tensors ``inits``: embedded, or read from its data file
+    ``data`` (each checked to lie within the file and to have its shape's length)."""
+    out = {init.name: numpy_helper.to_array(init) for init in inits if init.data_location != onnx.TensorProto.EXTERNAL}
+    external = [i for i in inits if i.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return out
+    try:
+        size = data.stat().st_size
+        with open(data, "rb") as f:
+            for init in external:
+                info = external_info(init)
+                if info.get("location") != data.name:  # switched tensors were taken out: only this file is left
+                    raise FormError(f"{graph}: tensor {init.name!r} reads {info.get('location')!r}, "
+                                    f"not {data.name}; no task switches it whole")
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+                offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+                if length != int(np.prod(init.dims)) * dtype.itemsize or offset + length > size:
+                    raise FormError(f"{data}: tensor {init.name!r} has {length} bytes at {offset}, not its "
+                                    f"shape's, or past the file's end ({size} bytes)")
+                f.seek(offset)
+                raw = np.frombuffer(f.read(length), dtype)  # little-endian, as ONNX stores it
+                out[init.name] = raw.astype(dtype.newbyteorder("=")).reshape(tuple(init.dims))
+    except OSError as err:
+        raise FormError(f"{data}: cannot read the live graph's tensors: {err}") from None
+    return out
+
+
 class LiveFiles:
     """A live graph and its task files, checked before any session opens: the graph was optimised
-    on a CPU like this one, reads external data only from its task files, and every task file holds
-    the same tensors, each of the graph's shape and dtype and within the file."""
+    on a CPU like this one, reads external data only from its task files and its data file, and
+    every task file holds the same tensors, each of the graph's shape and dtype (or per-channel
+    scales of one) and within the file. ``names`` are the graph tensors a task switch sets; those
+    a task file holds as scales are rebuilt from their base in the graph (``bases``)."""
 
     def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, providers: list[str] | None = None):
         if providers and providers[0] != "CPUExecutionProvider":
@@ -98,40 +137,49 @@ class LiveFiles:
                             "(taskfold export BUNDLE --out DIR --forms live)")
         proto = onnx.load(str(graph), load_external_data=False)
         shapes = {i.name: (tuple(i.dims), i.data_type) for i in proto.graph.initializer}
-        self.data = graph.with_suffix(".data")  # the tensors no task switches
+        self.data = graph.with_suffix(".data")  # the tensors no task switches whole
         allowed = {p.name for p in task_files.values() if p.parent == graph.parent} | {self.data.name}
         for init in proto.graph.initializer:
             location = external_info(init).get("location")
             if init.data_location == onnx.TensorProto.EXTERNAL and location not in allowed:
                 raise FormError(f"{graph}: tensor {init.name!r} reads {location!r}; a live graph reads only its "
                                 "task files and its data file beside it")
-        del proto
         self.graph = graph
         self.files = dict(task_files)
         self.layouts = {task: task_layout(path, shapes, graph.name) for task, path in task_files.items()}
-        names = [set(t) for t in self.layouts.values()]
-        if any(n != names[0] for n in names):
+        stored = [set(t) for t in self.layouts.values()]
+        if any(n != stored[0] for n in stored):
             raise FormError(f"{graph}: its task files switch different tensors; every task file must hold the same names")
         self.first = next(iter(self.layouts))
+        first = self.layouts[self.first]
+        self.names = {k.removesuffix(SUFFIX) for k in first}
+        scaled = {k.removesuffix(SUFFIX) for k in first if k.endswith(SUFFIX)}
+        self.bases = graph_tensors(graph, self.data, [i for i in proto.graph.initializer if i.name in scaled])
+        self.shapes = {k: shapes[k][0] for k in self.names}
 
     def read(self, task: str, into: dict[str, np.ndarray]) -> None:
-        """The task's tensors from its file into ``into`` (name -> array of the tensor's shape)."""
+        """The task's tensors from its file into ``into`` (graph name -> array of the tensor's
+        shape); a tensor its file holds as scales is its base times them."""
         path, layout = self.files[task], self.layouts[task]
         try:
             with open(path, "rb") as f:
-                for k, buf in into.items():
-                    _, _, offset, length = layout[k]
+                for k, (dtype, shape, offset, length) in layout.items():
+                    target = k.removesuffix(SUFFIX)
+                    buf = into[target] if k == target else np.empty(shape, FLOATS[dtype])
                     f.seek(offset)
                     if f.readinto(buf.reshape(-1).view(np.uint8)) != length:
                         raise FormError(f"{path}: tensor {k!r} ends early; the file changed after the session opened")
                     if sys.byteorder == "big":  # safetensors data is little-endian
                         buf.byteswap(inplace=True)
+                    if k != target:
+                        channel_scales.apply(self.bases[target], buf, into[target])
         except OSError as err:
             raise FormError(f"{path}: cannot read the task's tensors: {err}") from None
 
     def empty(self) -> dict[str, np.ndarray]:
-        """Arrays for one task's tensors (uninitialised)."""
-        return {k: np.empty(shape, FLOATS[dtype]) for k, (dtype, shape, _, _) in self.layouts[self.first].items()}
+        """Arrays for one task's switched tensors, by graph name (uninitialised)."""
+        dtypes = {k.removesuffix(SUFFIX): FLOATS[d] for k, (d, _, _, _) in self.layouts[self.first].items()}
+        return {k: np.empty(self.shapes[k], dtypes[k]) for k in self.names}
 
 
 def session_options(threads: int):
@@ -192,18 +240,17 @@ class BoundSession:
     def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
                  providers: list[str] | None = None):
         ort = onnxruntime()
-        self.files = LiveFiles(graph, task_files, built_on, providers)
+        files = LiveFiles(graph, task_files, built_on, providers)
         proto = onnx.load(str(graph), load_external_data=False)  # small: its tensors are in data files
-        switched = set(self.files.layouts[self.files.first])
-        moved = [i for i in proto.graph.initializer if i.name in switched]
-        kept = [i for i in proto.graph.initializer if i.name not in switched]
+        moved = [i for i in proto.graph.initializer if i.name in files.names]
+        kept = [i for i in proto.graph.initializer if i.name not in files.names]
         self.input = proto.graph.input[0].name
         self.outputs = [o.name for o in proto.graph.output]
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
         proto.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in moved)
         opts = session_options(threads)
-        fixed = self._fixed_tensors(kept)
+        fixed = graph_tensors(graph, files.data, [i for i in kept if i.data_location == onnx.TensorProto.EXTERNAL])
         if fixed:  # onnxruntime copies them; a model made from bytes cannot read files itself
             opts.add_external_initializers(list(fixed), [ort.OrtValue.ortvalue_from_numpy(a) for a in fixed.values()])
         # onnxruntime's Python session keeps the bytes it was made from: they hold no tensor data
@@ -211,40 +258,13 @@ class BoundSession:
         del proto, moved, kept, fixed
         self.tensors: dict[str, dict[str, np.ndarray]] = {}
         self.bindings = {}
-        for task in self.files.files:
-            arrays = self.files.empty()
-            self.files.read(task, arrays)
+        for task in files.files:  # the files (and scaled tensors' bases) are not needed afterwards
+            arrays = files.empty()
+            files.read(task, arrays)
             binding = self.session.io_binding()
             for k, a in arrays.items():
                 binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(a))  # no copy: the arrays stay
             self.tensors[task], self.bindings[task] = arrays, binding
-
-    def _fixed_tensors(self, inits: list) -> dict[str, np.ndarray]:
-        """The graph's tensors that no task switches, read from its data file (each checked to
-        lie within the file and to have its shape's length)."""
-        external = [i for i in inits if i.data_location == onnx.TensorProto.EXTERNAL]
-        if not external:
-            return {}
-        path, out = self.files.data, {}
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                for init in external:
-                    info = external_info(init)
-                    if info.get("location") != path.name:  # switched tensors were taken out: only this file is left
-                        raise FormError(f"{self.files.graph}: tensor {init.name!r} reads {info.get('location')!r}, "
-                                        f"not {path.name}; no task switches it")
-                    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
-                    offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-                    if length != int(np.prod(init.dims)) * dtype.itemsize or offset + length > size:
-                        raise FormError(f"{path}: tensor {init.name!r} has {length} bytes at {offset}, not its "
-                                        f"shape's, or past the file's end ({size} bytes)")
-                    f.seek(offset)
-                    raw = np.frombuffer(f.read(length), dtype)  # little-endian, as ONNX stores it
-                    out[init.name] = raw.astype(dtype.newbyteorder("=")).reshape(tuple(init.dims))
-        except OSError as err:
-            raise FormError(f"{path}: cannot read the live graph's tensors: {err}") from None
-        return out
 
     def runner(self, task: str) -> Callable:
         binding = self.bindings[task]

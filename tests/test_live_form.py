@@ -10,6 +10,8 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from exporters import channel_scales
+from exporters.channel_scales import SUFFIX
 from exporters.datafiles import FormError
 from exporters.forms.live import Live, LiveSession
 from exporters.latency import runner
@@ -52,18 +54,86 @@ def test_every_switch_gives_the_tasks_merged_outputs(live_run, label):
 def test_norm_only_tasks_switch_only_their_small_tensors(live_run):
     exports, forms = live_run
     m = forms["methods"]
-    # norms stay unfused where folding them into the convs would make every conv differ per task
-    assert m["norm_head"]["live"]["fused_norms"] is False and m["finetune"]["live"]["fused_norms"] is True
-    assert m["norm_head"]["live"]["switched_bytes"] < 0.25 * m["finetune"]["live"]["switched_bytes"]
-    assert m["linear_probe"]["live"]["switched_bytes"] < m["norm_head"]["live"]["switched_bytes"]
-    for label in m:  # a task file holds exactly the switched tensors
+    # norms folded into the convs (the merged kernels): a norm-trained task's convs differ from the
+    # first task's by a scale per output channel, and its file holds only those scales
+    norms, tuned = m["norm_head"]["live"], m["finetune"]["live"]
+    assert norms["fused_norms"] is True and tuned["fused_norms"] is True
+    assert norms["scaled_tensors"] > 0 and tuned["scaled_tensors"] == 0
+    assert norms["switched_bytes"] < 0.25 * tuned["switched_bytes"]
+    assert m["linear_probe"]["live"]["switched_bytes"] < norms["switched_bytes"]
+    for label in m:  # a task file holds exactly the switched tensors (or their scales)
         spec = m[label]["live"]
         tensors = load_file(str(exports / spec["tasks"]["digits"]))
         assert len(tensors) == spec["switched_tensors"]
         assert sum(v.nbytes for v in tensors.values()) == spec["switched_bytes"]
-    # unfused norms run as depthwise convs: no BatchNorm and no layout round trip left in the graph
-    ops = [n.op_type for n in onnx.load(str(exports / m["norm_head"]["live"]["graph"]), load_external_data=False).graph.node]
+        assert sum(k.endswith(SUFFIX) for k in tensors) == spec["scaled_tensors"]
+    # the same kernels as the fine-tuned model's live graph: no norm runs apart
+    ops = {label: [n.op_type for n in onnx.load(str(exports / m[label]["live"]["graph"]),
+                                                 load_external_data=False).graph.node] for label in ("norm_head", "finetune")}
+    assert ops["norm_head"] == ops["finetune"]
+
+
+def test_with_fuse_norms_never_norms_run_as_depthwise_convs_in_the_blocked_layout(live_run, tmp_path):
+    """The memory-first choice: the base convs once, norms as 1x1 depthwise convs (no BatchNorm
+    and no layout round trip left in the graph), still each task's merged outputs."""
+    from exporters.bundles import export_bundles
+    from exporters.forms.live import LiveOptions
+    from pipeline.api import load_bundle
+
+    exports, _ = live_run
+    bundle = load_bundle(exports.parent / "bundles" / "norm_head").bundle
+    export_bundles({"norm_head": bundle}, tmp_path / "exp", forms=["live"], threads=1,
+                   options={"live": LiveOptions(fuse_norms="never")}, log=lambda s: None)
+    spec = read_json(tmp_path / "exp" / "forms.json")["methods"]["norm_head"]["live"]
+    assert spec["fused_norms"] is False and spec["scaled_tensors"] == 0
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "exp" / spec["graph"]), load_external_data=False).graph.node]
     assert "BatchNormalization" not in ops and ops.count("ReorderInput") <= 1
+    loader = Loader(tmp_path / "exp", 1)
+    live, x = Live().resident(loader, spec), _x()
+    for task in ["digits_neg", "digits", "digits_neg"]:
+        merged = runner(loader.open(f"norm_head/{task}.onnx"))(x)[0]
+        np.testing.assert_allclose(live.runner(task)(x)[0], merged, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_scales_fit_a_blocked_layout_exactly_or_not_at_all():
+    """Output channel o of a blocked weight sits at (o // B, ..., o % B): per-channel scaling of
+    such a tensor is found with its block size and rebuilt to float32 rounding; a tensor that is
+    not a scaled copy of the base (one weight changed) is left whole."""
+    rng = np.random.default_rng(0)
+    plain = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)  # O, I, kh, kw
+    def block(w, b=8):  # onnxruntime's NCHWc filter order: O/B, I/B, kh, kw, Bi, Bo
+        o, i, kh, kw = w.shape
+        return np.ascontiguousarray(w.reshape(o // b, b, i // b, b, kh, kw).transpose(0, 2, 4, 5, 3, 1)).reshape(w.shape)
+    scale = rng.uniform(0.2, 3.0, 32).astype(np.float32)
+    tasks = [block(plain), block(plain * scale[:, None, None, None])]
+    got = channel_scales.fit(tasks)
+    assert got is not None and got[1].shape == (4, 8)
+    np.testing.assert_allclose(got[1].reshape(-1), scale, rtol=1e-6)
+    assert np.array_equal(got[0], np.ones((4, 8), np.float32))
+    out = np.empty_like(tasks[0])
+    channel_scales.apply(tasks[0], got[1], out)
+    np.testing.assert_allclose(out, tasks[1], rtol=1e-6, atol=1e-7)
+    assert channel_scales.fit([plain, plain * scale[:, None, None, None]])[1].shape == (32, 1)  # O-first layout
+    touched = tasks[1].copy()
+    touched.reshape(-1)[100] *= 1.01
+    assert channel_scales.fit([tasks[0], touched]) is None
+    assert channel_scales.fit([tasks[0], rng.standard_normal(tasks[0].shape).astype(np.float32)]) is None
+
+
+def test_a_scale_file_that_does_not_fit_its_tensor_is_refused(live_run, tmp_path):
+    import shutil
+
+    exports, forms = live_run
+    copy = tmp_path / "exports"
+    shutil.copytree(exports, copy)
+    spec = forms["methods"]["norm_head"]["live"]
+    path = copy / spec["tasks"]["digits_neg"]
+    tensors = load_file(str(path))
+    name = next(k for k in sorted(tensors) if k.endswith(SUFFIX))
+    tensors[name] = np.ones((tensors[name].shape[0] + 1, tensors[name].shape[1]), np.float32)
+    save_file(tensors, str(path))
+    with pytest.raises(FormError, match=rf"{path.name}: tensor '{name}' .* does not fit"):
+        Live().resident(Loader(copy, 1), spec)
 
 
 def test_norms_as_depthwise_convs_compute_the_same_and_leave_other_norms_alone(tmp_path):
@@ -212,7 +282,8 @@ def test_the_bound_form_gives_each_tasks_merged_outputs_from_the_live_files(live
         merged = {t: runner(loader.open(f"{label}/{t}.onnx"))(x)[0] for t in bound["tasks"]}
         for task in ["digits", "digits_neg", "digits", "digits_neg"]:
             np.testing.assert_allclose(session.runner(task)(x)[0], merged[task], rtol=1e-4, atol=1e-4)
-        assert set(session.tensors["digits"]) == set(load_file(str(exports / live["tasks"]["digits"])))
+        held = {k.removesuffix(SUFFIX) for k in load_file(str(exports / live["tasks"]["digits"]))}
+        assert set(session.tensors["digits"]) == held  # whole tensors, scaled ones rebuilt
 
 
 def test_the_bound_form_refuses_what_the_live_form_refuses(live_run, tmp_path):

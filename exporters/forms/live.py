@@ -16,9 +16,11 @@ Two consequences a user should know:
 * the files are for the CPU (instruction set) and onnxruntime version they were built with; on
   another one, loading is refused with both named (rebuild with ``taskfold export``);
 * folding BatchNorm into the convs (a rewrite the optimiser does) makes every conv of a
-  norm-trained task differ; ``fuse_norms: auto`` keeps norms apart where that keeps the
-  per-task tensors at most half as large (norm_head, TAPS), as 1x1 depthwise convs
-  (``norms_as_depthwise``), at some latency.
+  norm-trained task differ, but only by a scale per output channel: a task file then holds the
+  scales (``channel_scales``) and a switch rebuilds the convs from the graph's base copy, so
+  norm_head and TAPS run the merged kernels from norm-sized files, holding the base convs twice.
+  ``fuse_norms: never`` keeps norms apart instead, as 1x1 depthwise convs
+  (``norms_as_depthwise``): one copy of the convs, at some latency.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict
 from safetensors.numpy import save_file
 
+from exporters import channel_scales
+from exporters.channel_scales import SUFFIX
 from exporters.datafiles import SHARED, FormError, initializer_arrays, move_out, set_external
 from exporters.forms.base import BuildContext, Form, copy_graph
 from exporters.live_session import LiveSession, cpu_signature, safetensors_offsets
@@ -42,7 +46,10 @@ NORM_FUSION = "ConvBNFusion"  # onnxruntime's rewrite rule that folds BatchNorma
 
 
 class LiveOptions(BaseModel):
-    """``export.live``: whether BatchNorm is folded into the convs of the live graph."""
+    """``export.live``: whether BatchNorm is folded into the convs of the live graph (merged
+    latency; a norm-trained task's convs are rebuilt from per-channel scales, so the base convs
+    are held twice) or kept apart as depthwise convs (one copy, slower); ``auto`` folds unless
+    that more than doubles a task's file."""
 
     fuse_norms: Literal["auto", "always", "never"] = "auto"
     model_config = ConfigDict(extra="forbid")
@@ -127,6 +134,24 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
     return graphs, values, switched
 
 
+def task_tensors(values: dict, switched: list[str], tasks: list[str]) -> tuple[dict, list[str]]:
+    """Per task the tensors its file holds: each switched tensor whole, or, where every task's is
+    the first task's scaled per output channel (a folded norm on a shared conv), only its scales
+    (``channel_scales``; the first task's tensor is the base the graph keeps). And the scaled names."""
+    stored: dict[str, dict[str, np.ndarray]] = {t: {} for t in tasks}
+    scaled = []
+    for k in switched:
+        scales = channel_scales.fit([values[t][k] for t in tasks])
+        if scales is not None:
+            scaled.append(k)
+        for i, t in enumerate(tasks):
+            if scales is None:
+                stored[t][k] = np.ascontiguousarray(values[t][k])
+            else:
+                stored[t][k + SUFFIX] = scales[i]
+    return stored, scaled
+
+
 def point_into(model: onnx.ModelProto, task_file: Path, names: set[str]) -> onnx.ModelProto:
     """The graph with its switched tensors read from the first task's file (ONNX external data at
     the tensors' offsets), so the files hold them once per task, not once more in the graph. The
@@ -150,35 +175,38 @@ class Live(Form):
         tasks = list(bundle.tasks)
         choice = self.options.fuse_norms
         with temp_dir(ctx.writer.out / f"{label}.live.tmp") as d:
+            built = {}
             try:
-                built = {fuse: task_graphs(ctx, label, tasks, fuse, Path(d))
-                         for fuse in ((True, False) if choice == "auto" else (choice == "always",))}
+                for fuse in ((True, False) if choice == "auto" else (choice == "always",)):
+                    graphs, values, switched = task_graphs(ctx, label, tasks, fuse, Path(d))
+                    built[fuse] = (graphs[tasks[0]], *task_tensors(values, switched, tasks))
             except FormError as err:
                 ctx.log(f"  {label}: no live form: {err}")
                 return {"kind": "live", "unavailable": str(err)}
-            fuse = self._pick(built, tasks)
-            graphs, values, switched = built[fuse]
+            fuse = self._pick(built)
+            graph0, stored, scaled = built[fuse]
+            whole = set(stored[tasks[0]]) - {k + SUFFIX for k in scaled}  # switched tensors the files hold whole
             files = {}
             for t in tasks:
                 files[t] = f"{label}.live.{t}.safetensors"
                 with atomic_path(ctx.writer.out / files[t]) as tmp:
-                    save_file({k: np.ascontiguousarray(values[t][k]) for k in switched}, str(tmp))
+                    save_file(stored[t], str(tmp))
             graph, data = f"{label}.live.onnx", f"{label}.live.data"
-            model = point_into(graphs[tasks[0]], ctx.writer.out / files[tasks[0]], set(switched))
-            own = [data] if move_out(model, ctx.writer.out / data, set(switched)) else []  # the tensors no task switches
+            model = point_into(graph0, ctx.writer.out / files[tasks[0]], whole)
+            own = [data] if move_out(model, ctx.writer.out / data, whole) else []  # the rest, scaled bases included
             with atomic_path(ctx.writer.out / graph) as tmp:
                 onnx.save_model(model, str(tmp))
-        per_task = sum(values[tasks[0]][k].nbytes for k in switched)
+        stored0 = stored[tasks[0]]
         return {"kind": "live", "graph": f"{SHARED}/{graph}", "tasks": {t: f"{SHARED}/{f}" for t, f in files.items()},
                 "files": sorted(f"{SHARED}/{f}" for f in [graph, *own, *files.values()]),
-                "switched_tensors": len(switched), "switched_bytes": per_task, "fused_norms": fuse,
-                "built_on": cpu_signature()}
+                "switched_tensors": len(stored0), "switched_bytes": sum(a.nbytes for a in stored0.values()),
+                "scaled_tensors": len(scaled), "fused_norms": fuse, "built_on": cpu_signature()}
 
-    def _pick(self, built: dict, tasks: list[str]) -> bool:
+    def _pick(self, built: dict) -> bool:
         """Fold norms into convs (merged kernels) unless that doubles or more the per-task tensors."""
         if len(built) == 1:
             return next(iter(built))
-        size = {fuse: sum(vals[tasks[0]][k].nbytes for k in sw) for fuse, (_, vals, sw) in built.items()}
+        size = {fuse: sum(a.nbytes for a in next(iter(files.values())).values()) for fuse, (_, files, _) in built.items()}
         return size[True] <= 2 * size[False]
 
     def resident(self, loader: Loader, spec: dict):
