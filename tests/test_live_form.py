@@ -120,22 +120,6 @@ def test_channel_scales_fit_a_blocked_layout_exactly_or_not_at_all():
     assert channel_scales.fit([tasks[0], rng.standard_normal(tasks[0].shape).astype(np.float32)]) is None
 
 
-def test_a_scale_file_that_does_not_fit_its_tensor_is_refused(live_run, tmp_path):
-    import shutil
-
-    exports, forms = live_run
-    copy = tmp_path / "exports"
-    shutil.copytree(exports, copy)
-    spec = forms["methods"]["norm_head"]["live"]
-    path = copy / spec["tasks"]["digits_neg"]
-    tensors = load_file(str(path))
-    name = next(k for k in sorted(tensors) if k.endswith(SUFFIX))
-    tensors[name] = np.ones((tensors[name].shape[0] + 1, tensors[name].shape[1]), np.float32)
-    save_file(tensors, str(path))
-    with pytest.raises(FormError, match=rf"{path.name}: tensor '{name}' .* does not fit"):
-        Live().resident(Loader(copy, 1), spec)
-
-
 def test_norms_as_depthwise_convs_compute_the_same_and_leave_other_norms_alone(tmp_path):
     """Each BatchNorm after a conv becomes a 1x1 depthwise conv with the same outputs; a norm
     whose input is not a conv's output (here the network's input) stays as it is."""
@@ -182,11 +166,13 @@ def test_a_tampered_task_file_is_refused_naming_file_and_tensor(live_run, tmp_pa
     spec = forms["methods"]["norm_head"]["live"]
     path = copy / spec["tasks"]["digits_neg"]
     tensors = load_file(str(path))
-    name = sorted(tensors)[0]
-    tensors[name] = np.zeros(tensors[name].size + 1, tensors[name].dtype)
-    save_file(tensors, str(path))
-    with pytest.raises(FormError, match=rf"{path.name}: tensor '{name}' .* does not fit"):
-        Live().resident(Loader(copy, 1), spec)
+    whole = next(k for k in sorted(tensors) if not k.endswith(SUFFIX))
+    scales = next(k for k in sorted(tensors) if k.endswith(SUFFIX))  # per-channel scales of a folded conv
+    rows, width = tensors[scales].shape
+    for name, bad in ((whole, np.zeros(tensors[whole].size + 1, np.float32)), (scales, np.ones((rows + 1, width), np.float32))):
+        save_file({**tensors, name: bad}, str(path))
+        with pytest.raises(FormError, match=rf"{path.name}: tensor '{name}' .* does not fit"):
+            Live().resident(Loader(copy, 1), spec)
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(FormError, match=rf"{path.name}: not a readable live-form task file"):
         Live().resident(Loader(copy, 1), spec)
