@@ -134,22 +134,19 @@ def task_graphs(ctx: BuildContext, label: str, tasks: list[str], fuse_norms: boo
     return graphs, values, switched
 
 
-def task_tensors(values: dict, switched: list[str], tasks: list[str]) -> tuple[dict, list[str]]:
+def task_tensors(values: dict, switched: list[str], tasks: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """Per task the tensors its file holds: each switched tensor whole, or, where every task's is
     the first task's scaled per output channel (a folded norm on a shared conv), only its scales
-    (``channel_scales``; the first task's tensor is the base the graph keeps). And the scaled names."""
+    as ``name + SUFFIX`` (``channel_scales``; the first task's tensor is the base the graph keeps)."""
     stored: dict[str, dict[str, np.ndarray]] = {t: {} for t in tasks}
-    scaled = []
     for k in switched:
         scales = channel_scales.fit([values[t][k] for t in tasks])
-        if scales is not None:
-            scaled.append(k)
         for i, t in enumerate(tasks):
             if scales is None:
                 stored[t][k] = np.ascontiguousarray(values[t][k])
             else:
                 stored[t][k + SUFFIX] = scales[i]
-    return stored, scaled
+    return stored
 
 
 def point_into(model: onnx.ModelProto, task_file: Path, names: set[str]) -> onnx.ModelProto:
@@ -179,13 +176,13 @@ class Live(Form):
             try:
                 for fuse in ((True, False) if choice == "auto" else (choice == "always",)):
                     graphs, values, switched = task_graphs(ctx, label, tasks, fuse, Path(d))
-                    built[fuse] = (graphs[tasks[0]], *task_tensors(values, switched, tasks))
+                    built[fuse] = (graphs[tasks[0]], task_tensors(values, switched, tasks))
             except FormError as err:
                 ctx.log(f"  {label}: no live form: {err}")
                 return {"kind": "live", "unavailable": str(err)}
             fuse = self._pick(built)
-            graph0, stored, scaled = built[fuse]
-            whole = set(stored[tasks[0]]) - {k + SUFFIX for k in scaled}  # switched tensors the files hold whole
+            graph0, stored = built[fuse]
+            whole = {k for k in stored[tasks[0]] if not k.endswith(SUFFIX)}  # switched tensors the files hold whole
             files = {}
             for t in tasks:
                 files[t] = f"{label}.live.{t}.safetensors"
@@ -200,13 +197,13 @@ class Live(Form):
         return {"kind": "live", "graph": f"{SHARED}/{graph}", "tasks": {t: f"{SHARED}/{f}" for t, f in files.items()},
                 "files": sorted(f"{SHARED}/{f}" for f in [graph, *own, *files.values()]),
                 "switched_tensors": len(stored0), "switched_bytes": sum(a.nbytes for a in stored0.values()),
-                "scaled_tensors": len(scaled), "fused_norms": fuse, "built_on": cpu_signature()}
+                "scaled_tensors": len(stored0) - len(whole), "fused_norms": fuse, "built_on": cpu_signature()}
 
     def _pick(self, built: dict) -> bool:
         """Fold norms into convs (merged kernels) unless that doubles or more the per-task tensors."""
         if len(built) == 1:
             return next(iter(built))
-        size = {fuse: sum(a.nbytes for a in next(iter(files.values())).values()) for fuse, (_, files, _) in built.items()}
+        size = {fuse: sum(a.nbytes for a in next(iter(files.values())).values()) for fuse, (_, files) in built.items()}
         return size[True] <= 2 * size[False]
 
     def resident(self, loader: Loader, spec: dict):
