@@ -19,7 +19,11 @@ costs a fork, not an interpreter start. Memory is read from ``/proc`` (Linux). L
 much of what it allocates (model protos, load-time copies), and glibc keeps freed heap in the
 process: ``resident_mb`` is read after handing it back (``malloc_trim``, what a server does
 after loading its tasks), ``resident_untrimmed_mb`` before. Without it, allocator slack decides
-the figure (a merged EfficientNet-Lite0 session here: 26-31 MB, against 16 MB it holds).
+the figure (a merged EfficientNet-Lite0 session here: 26-31 MB, against 16 MB it holds). Pages
+of library code (onnxruntime's kernels, numpy) that the first runs touch are left out and
+reported apart (``library_code_mb``, 1.8-2.6 MB here): every process that maps the libraries
+shares them, whichever form it runs. ``resident_vs_stored`` sets the figure against the fewest
+bytes any exact form stores for the K tasks (the base once plus the tasks' own tensors).
 """
 from __future__ import annotations
 
@@ -52,12 +56,27 @@ def switch_ms(loader: Loader, form: str, spec: dict, image_size: int, repeats: i
     return median(times)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
+def _memory_mb() -> tuple[float, float]:
+    """(MB resident in this process, of which library code): RSS per mapping from
+    ``/proc/self/smaps``; library code is every mapping of a file that is mapped executable
+    somewhere (shared objects and the interpreter, their code and read-only data). Those pages
+    are the libraries', shared by every process that maps them and touched by whichever kernels
+    a model first runs, so a form is not charged for them."""
+    rss: dict[str, int] = {}
+    executable: set[str] = set()
+    name = ""
+    with open("/proc/self/smaps") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS in /proc/self/status")
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping: range perms offset dev inode [path]
+                name = head[5] if len(head) > 5 else ""
+                if name.startswith("/") and "x" in head[1]:
+                    executable.add(name)
+            elif head[0] == "Rss:":
+                rss[name] = rss.get(name, 0) + int(head[1])
+    if not rss:
+        raise OSError("no mappings in /proc/self/smaps")
+    return sum(rss.values()) / 1024, sum(v for k, v in rss.items() if k in executable) / 1024
 
 
 def release_freed_heap() -> bool:
@@ -90,20 +109,23 @@ def _warm_onnxruntime(threads: int) -> None:
         None, {"x": np.zeros((1, 4), np.float32)})
 
 
-def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int) -> tuple[float, float]:
-    """MB of RSS that loading every task of ``spec`` (and one run each) adds to this process:
-    after its freed heap is handed back to the OS, and before."""
+def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int) -> tuple[float, float, float]:
+    """MB of RSS that loading every task of ``spec`` (and one run each) adds to this process,
+    library code left out (``_memory_mb``): after its freed heap is handed back to the OS, and
+    before; and the library code those first runs touched."""
     _warm_onnxruntime(threads)  # the library's own footprint (its first session sets up globals) is not the form's
     release_freed_heap()
-    before = _rss_mb()
+    total0, code0 = _memory_mb()
     loader = Loader(Path(exports), threads)
     x = np.zeros((1, 3, image_size, image_size), np.float32)
     keep = FORMS[form]().targets(loader, spec)
     for fn in keep.values():
         fn(x)
-    untrimmed = _rss_mb() - before
+    total, code = _memory_mb()
+    untrimmed = (total - code) - (total0 - code0)
     release_freed_heap()
-    return _rss_mb() - before, untrimmed
+    total, code = _memory_mb()
+    return (total - code) - (total0 - code0), untrimmed, code - code0
 
 
 def memory_probes() -> ProcessPoolExecutor | None:
@@ -117,7 +139,7 @@ def memory_probes() -> ProcessPoolExecutor | None:
 
 
 def resident_mb(probes: ProcessPoolExecutor | None, exports: Path, form: str, spec: dict, image_size: int,
-                threads: int) -> tuple[float, float] | None:
+                threads: int) -> tuple[float, float, float] | None:
     """``_resident`` in a process of its own, so earlier sessions and allocator state do not count."""
     if probes is None:
         return None
@@ -162,10 +184,12 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
             probes.shutdown()
     for label, rows in out["methods"].items():
         ref = rows["merged"]
+        least = min(row["bytes"] for form, row in rows.items() if not FORMS[form].lossy)
         for row in rows.values():
             row["bytes_vs_merged"] = row["bytes"] / ref["bytes"]
             if row.get("resident_mb") is not None and ref.get("resident_mb"):
                 row["resident_vs_merged"] = row["resident_mb"] / ref["resident_mb"]
+                row["resident_vs_stored"] = row["resident_mb"] * 2**20 / least
     return out
 
 
@@ -182,8 +206,8 @@ def _rows(out: dict, specs: dict, exports: Path, loader: Loader, latency: dict, 
                                             "ratio_to_merged": ms / merged}
         row["switch_ms"] = switch_ms(loader, form, spec, image_size, switch_repeats)
         if probes is not None:
-            row["resident_mb"], row["resident_untrimmed_mb"] = resident_mb(probes, exports, form, spec, image_size,
-                                                                           threads)
+            row["resident_mb"], row["resident_untrimmed_mb"], row["library_code_mb"] = resident_mb(
+                probes, exports, form, spec, image_size, threads)
         out["methods"].setdefault(label, {})[form] = row
         log(f"  {label}/{form}: {row['bytes']:,} bytes for {len(tasks)} tasks, switch {row['switch_ms']:.1f} ms"
             + (f", resident {row['resident_mb']:.1f} MB" if row.get("resident_mb") is not None else ""))

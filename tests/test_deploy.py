@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from exporters.adapters import AdapterTarget, write_switch
+from exporters.bench import _memory_mb
 from exporters.forms import FORMS, OPTIONAL
 from exporters.datafiles import BASE_DATA, FormError, SharedWriter, external_info
 from exporters.precision import Int8Recipe, to_fp16, to_int8
@@ -266,7 +268,9 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
         for form, row in rows.items():
             spec = forms["methods"][label][form]
             assert row["bytes"] == sum((exports / f).stat().st_size for f in spec["files"])  # ledger == disk
-            assert row["resident_mb"] > 0 and row["switch_ms"] > 0
+            assert row["resident_mb"] > 0 and row["switch_ms"] > 0 and row["library_code_mb"] >= 0
+            assert row["resident_vs_stored"] == pytest.approx(row["resident_mb"] * 2**20 / min(
+                r["bytes"] for f, r in rows.items() if not FORMS[f].lossy))
     nh = deploy["methods"]["norm_head"]
     assert nh["shared"]["bytes"] < nh["merged"]["bytes"]  # norms and head only, the convs in base.data once
     assert deploy["methods"]["ftn"]["branch"]["bytes"] < deploy["methods"]["ftn"]["shared"]["bytes"]
@@ -289,6 +293,16 @@ def _working_providers(path) -> list[str]:
         return session(path, 1, ["CUDAExecutionProvider", "CPUExecutionProvider"]).get_providers()
     except RuntimeUnavailable:
         return ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="resident memory is read from /proc (Linux)")
+def test_resident_memory_counts_data_pages_and_leaves_library_code_out():
+    total0, code0 = _memory_mb()
+    data = np.ones(24 * 2**20 // 8)  # 24 MB of heap, every page touched
+    total1, code1 = _memory_mb()
+    assert 0 < code0 < total0  # the interpreter and numpy are mapped executable and resident
+    assert total1 - total0 == pytest.approx(24, abs=1.5) and abs(code1 - code0) < 0.5
+    del data
 
 
 def test_a_provider_that_cannot_run_is_an_error_not_a_cpu_fallback(graphs):

@@ -17,10 +17,12 @@ Two consequences a user should know:
   another one, loading is refused with both named (rebuild with ``taskfold export``);
 * folding BatchNorm into the convs (a rewrite the optimiser does) makes every conv of a
   norm-trained task differ, but only by a scale per output channel: a task file then holds the
-  scales (``channel_scales``) and a switch rebuilds the convs from the graph's base copy, so
-  norm_head and TAPS run the merged kernels from norm-sized files, holding the base convs twice.
+  scales (``channel_scales``) and a switch rebuilds the convs from the graph's base copy (read
+  from its data file into the session's buffers, then scaled), so norm_head and TAPS run the
+  merged kernels from norm-sized files. A switch then writes every conv (slower than reading a
+  few norms), and ``bound``, which holds every task's tensors, holds every task's convs.
   ``fuse_norms: never`` keeps norms apart instead, as 1x1 depthwise convs
-  (``norms_as_depthwise``): one copy of the convs, at some latency.
+  (``norms_as_depthwise``): tasks switch only their norms, at some latency.
 """
 from __future__ import annotations
 
@@ -47,9 +49,9 @@ NORM_FUSION = "ConvBNFusion"  # onnxruntime's rewrite rule that folds BatchNorma
 
 class LiveOptions(BaseModel):
     """``export.live``: whether BatchNorm is folded into the convs of the live graph (merged
-    latency; a norm-trained task's convs are rebuilt from per-channel scales, so the base convs
-    are held twice) or kept apart as depthwise convs (one copy, slower); ``auto`` folds unless
-    that more than doubles a task's file."""
+    latency; a norm-trained task's convs are rebuilt from per-channel scales at each switch, and
+    ``bound`` holds each task's convs) or kept apart as depthwise convs (tasks switch only their
+    norms, slower); ``auto`` folds unless that more than doubles a task's file."""
 
     fuse_norms: Literal["auto", "always", "never"] = "auto"
     model_config = ConfigDict(extra="forbid")

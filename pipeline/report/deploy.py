@@ -51,15 +51,16 @@ def ranking_lines(deploy: dict, prefer: str) -> list[str]:
 
 def forms_table(deploy: dict) -> list[str]:
     batches = list(deploy["base"])
-    head = ("| method | form | bytes (K tasks) | x merged | resident MB | x merged | switch ms | "
+    head = ("| method | form | bytes (K tasks) | x merged | resident MB | x merged | x stored | switch ms | "
             + " | ".join(f"{b} ms | x base | x merged" for b in batches) + " | verdict |")
-    lines = [head, "|---|---|" + "---|" * (6 + 3 * len(batches))]
+    lines = [head, "|---|---|" + "---|" * (7 + 3 * len(batches))]
     for label, rows in deploy["methods"].items():
         for form, r in rows.items():
             lat = " | ".join(f"{_f(r['latency'][b]['median_ms'], '.2f')} | {_f(r['latency'][b]['ratio_to_base'], '.3f')}"
                              f" | {_f(r['latency'][b]['ratio_to_merged'], '.3f')}" for b in batches)
             lines.append(f"| {label} | {form} | {_f(r['bytes'], ',')} | {_f(r.get('bytes_vs_merged'), '.3f')} | "
                          f"{_f(r.get('resident_mb'), '.1f')} | {_f(r.get('resident_vs_merged'), '.3f')} | "
+                         f"{_f(r.get('resident_vs_stored'), '.2f')} | "
                          f"{_f(r['switch_ms'], '.1f')} | {lat} | {_verdict(form, r)} |")
     return lines
 
@@ -108,8 +109,10 @@ def section(deployment: dict, plot: str | None) -> list[str]:
         return lines + ["No deployment forms were measured (export.forms or bench.forms is off)."]
     lines += ["Forms: " + "; ".join(f"**{k}**: {v}" for k, v in FORM_NOTES.items()) + ".", "",
               "Bytes and resident memory are for all K tasks; ratios are against the merged form (K "
-              "plain models) and the base model, measured in one run. Switch: a task brought up from its "
-              "files to its first answer (batch 1).", ""]
+              "plain models) and the base model, measured in one run. Resident memory leaves out library "
+              "code (shared by every process; `library_code_mb` in results.json); x stored is against the "
+              "fewest bytes any exact form stores for the K tasks (the base once and the tasks' own "
+              "tensors). Switch: a task brought up from its files to its first answer (batch 1).", ""]
     for device, deploy in devices.items():
         lines += [f"### {device} ({', '.join(deploy['providers'])})", ""] + forms_table(deploy) + [""]
         lines += ["Forms per method, best first (`taskfold bench --prefer storage|latency|memory`):", ""]
