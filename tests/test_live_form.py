@@ -202,6 +202,19 @@ def test_a_task_file_cut_short_is_refused_at_load_or_at_its_switch(live_run, tmp
     x = _x()
     merged = runner(loader.open("finetune/digits.onnx"))(x)[0]
     np.testing.assert_allclose(live.runner("digits")(x)[0], merged, rtol=1e-4, atol=1e-4)
+    # a task held as per-channel scales reads its convs' base from the graph's data file at each
+    # switch: that file cut after the session opened fails the switch, naming it
+    norms = forms["methods"]["norm_head"]["live"]
+    assert norms["scaled_tensors"] > 0
+    live = Live().resident(loader, norms)
+    data = (copy / norms["graph"]).with_suffix(".data")
+    kept = data.read_bytes()
+    data.write_bytes(kept[: min(offset for offset, _, _ in live.files.base_places.values()) + 4])
+    with pytest.raises(FormError, match=rf"{data.name}: tensor .* ends early"):
+        live.use("digits_neg")
+    data.write_bytes(kept)
+    merged = runner(loader.open("norm_head/digits_neg.onnx"))(x)[0]
+    np.testing.assert_allclose(live.runner("digits_neg")(x)[0], merged, rtol=1e-4, atol=1e-4)
 
 
 def test_the_live_form_cannot_run_on_a_gpu_provider(live_run):
