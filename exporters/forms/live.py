@@ -39,7 +39,8 @@ from exporters import channel_scales
 from exporters.channel_scales import SUFFIX
 from exporters.datafiles import SHARED, FormError, initializer_arrays, move_out, set_external
 from exporters.forms.base import BuildContext, Form, copy_graph
-from exporters.live_session import LiveSession, cpu_signature, safetensors_offsets
+from exporters.live_files import cpu_signature, safetensors_offsets
+from exporters.live_session import LiveSession
 from exporters.loader import Loader
 from exporters.runtime import onnxruntime
 from pipeline.core.io import atomic_path, temp_dir
