@@ -87,6 +87,15 @@ def task_layout(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], grap
     return layout
 
 
+def _read_into(f, offset: int, length: int, out: np.ndarray, what: str) -> None:
+    """``length`` little-endian bytes at ``offset`` of the open file ``f`` into ``out``, in place."""
+    f.seek(offset)
+    if f.readinto(out.reshape(-1).view(np.uint8)) != length:
+        raise FormError(f"{what} ends early; the file changed after the session opened")
+    if sys.byteorder == "big":  # safetensors and ONNX external data are little-endian
+        out.byteswap(inplace=True)
+
+
 def external_places(graph: Path, data: Path, inits: list) -> dict[str, tuple[int, int, np.dtype]]:
     """Where the live graph's external tensors ``inits`` lie in its data file ``data``: name ->
     (byte offset, length, little-endian dtype), each checked to read that file, to lie within it
@@ -122,21 +131,11 @@ def graph_tensors(graph: Path, data: Path, inits: list) -> dict[str, np.ndarray]
         with open(data, "rb") as f:
             for init in external:
                 offset, length, dtype = places[init.name]
-                f.seek(offset)
-                raw = np.frombuffer(f.read(length), dtype)  # little-endian, as ONNX stores it
-                out[init.name] = raw.astype(dtype.newbyteorder("=")).reshape(tuple(init.dims))
+                out[init.name] = np.empty(tuple(init.dims), dtype.newbyteorder("="))
+                _read_into(f, offset, length, out[init.name], f"{data}: tensor {init.name!r}")
     except OSError as err:
         raise FormError(f"{data}: cannot read the live graph's tensors: {err}") from None
     return out
-
-
-def _read_into(f, offset: int, length: int, out: np.ndarray, what: str) -> None:
-    """``length`` little-endian bytes at ``offset`` of the open file ``f`` into ``out``, in place."""
-    f.seek(offset)
-    if f.readinto(out.reshape(-1).view(np.uint8)) != length:
-        raise FormError(f"{what} ends early; the file changed after the session opened")
-    if sys.byteorder == "big":  # safetensors and ONNX external data are little-endian
-        out.byteswap(inplace=True)
 
 
 class LiveFiles:
