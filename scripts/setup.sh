@@ -32,6 +32,18 @@ if [ ! -f "$FMNIST" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
+# A first install puts torch's pinned build (with its CUDA libraries) and the rest into .venv:
+# about 6.2 GB. Say so up front rather than let pip stop half-way on "No space left on device".
+NEED_MB=${TASKFOLD_SETUP_NEED_MB:-6500}
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  FREE_MB=$(df -Pm . | awk 'NR == 2 {print $4}')
+  if [ -n "$FREE_MB" ] && [ "$FREE_MB" -lt "$NEED_MB" ]; then
+    echo "setup: $(pwd) has $FREE_MB MB free on its disk; installing torch and the pinned" \
+         "dependencies into .venv needs about $NEED_MB MB. Free some space and run this again." >&2
+    exit 1
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
