@@ -34,8 +34,10 @@ fi
 
 # A first install puts torch's pinned build (with its CUDA libraries) and the rest into .venv:
 # about 6.2 GB. Say so up front rather than let pip stop half-way on "No space left on device".
+# No stamp means no install finished yet (a failed one writes none), so no torch import is needed.
+STAMP=.venv/.taskfold-installed
 NEED_MB=${TASKFOLD_SETUP_NEED_MB:-6500}
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if [ ! -f "$STAMP" ]; then
   FREE_MB=$(df -Pm . | awk 'NR == 2 {print $4}')
   if [ -n "$FREE_MB" ] && [ "$FREE_MB" -lt "$NEED_MB" ]; then
     echo "setup: $(pwd) has $FREE_MB MB free on its disk; installing torch and the pinned" \
@@ -50,7 +52,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 
-STAMP=.venv/.taskfold-installed
 HAVE=$(cat "$STAMP" 2>/dev/null || true)
 read -r _ HAVE_RUNTIME HAVE_TEST <<< "$HAVE" || true
 case "$HAVE_RUNTIME" in cpu|gpu) INSTALLED=$HAVE_RUNTIME ;; *) INSTALLED="" ;; esac
