@@ -29,6 +29,13 @@ class TrainingError(TaskfoldError, RuntimeError):
     """Training cannot go on (NaN loss, a checkpoint from another run); says where."""
 
 
+def bar_off(progress: bool, main: bool) -> bool | None:
+    """tqdm's ``disable`` for a step bar: off when asked or on other ranks, and otherwise left to
+    tqdm, which draws it only on a terminal. Redirected to a file, a bar is a line per step
+    (300 KB of the quickstart's log); the per-epoch lines say what a log needs."""
+    return None if progress and main else True
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 7919 + epoch
 

@@ -23,7 +23,8 @@ from pipeline.data import BadImages, TaskData
 from pipeline.methods.base import IncrementalMethod
 from pipeline.methods.context import Schedule, TaskContext
 from pipeline.training import optim
-from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError, check_finite, epoch_seed
+from pipeline.training.engine import (MEMORY_FORMAT, Loop, LoopRecord, TrainingError, bar_off, check_finite,
+                                      epoch_seed)
 from pipeline.training.evaluate import evaluate, recalibrate_norms
 from pipeline.training.runtime import Runtime
 
@@ -130,7 +131,7 @@ class TaskTrainer:
         loader = data.train.loader(global_batch(schedule, rt), seed=epoch_seed(self.seed, epoch), rank=rt.rank,
                                    world=rt.world)
         total = torch.zeros(2, dtype=torch.float64)
-        bar = tqdm(loader, total=self.steps_per_epoch, disable=not self.progress or not rt.main, leave=False,
+        bar = tqdm(loader, total=self.steps_per_epoch, disable=bar_off(self.progress, rt.main), leave=False,
                    desc=f"{method.name}/{data.name} epoch {epoch + 1}/{schedule.epochs}")
         for batch in bar:
             self.bad.check(batch, data.train.dataset.where)

@@ -40,7 +40,7 @@ from pipeline.methods.context import JointContext, Schedule
 from pipeline.methods.layers import NORM_TYPES
 from pipeline.methods.multitask import MultiTaskNet
 from pipeline.training import optim
-from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError, check_finite
+from pipeline.training.engine import MEMORY_FORMAT, Loop, LoopRecord, TrainingError, bar_off, check_finite
 from pipeline.training.evaluate import evaluate, recalibrate_task_norms
 from pipeline.training.incremental import global_batch
 from pipeline.training.runtime import Runtime
@@ -194,7 +194,7 @@ class JointTrainer:
         streams = self._streams(epoch, phase)
         steps = self.steps_per_epoch[phase]
         total = 0.0
-        for _ in tqdm(range(steps), disable=not self.progress or not self.runtime.main, leave=False,
+        for _ in tqdm(range(steps), disable=bar_off(self.progress, self.runtime.main), leave=False,
                       desc=f"{self.desc} {phase} epoch {epoch + 1}/{self.schedule.epochs}"):
             batches = {}
             for t, stream in streams.items():
