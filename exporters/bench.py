@@ -4,7 +4,9 @@ task up, bytes on disk and resident memory for K tasks against K merged models.
 
 Task switch (cold), per form, batch 1, median over tasks and repeats: the form brings the
 task up from its files (``Form.bring_up``) and runs it once, with what the form keeps loaded
-between tasks already resident (the switch form's session, the shared base weights):
+between tasks already resident (the switch form's session, the shared base weights). It is
+timed in the form's own probe process (below), as a server running that form would see it,
+not beside the sessions of every other target:
 
 * merged / fp16 / int8: load the task's model file into a new session;
 * shared: new session whose base weights are already resident (``add_initializer``);
@@ -12,7 +14,7 @@ between tasks already resident (the switch form's session, the shared base weigh
 * live: read the task's tensors from its file into the resident session's buffers;
 * bound: bind the task's tensors, which the resident session holds for every task.
 
-Resident memory is measured in a fresh process per form: RSS after loading the K tasks and
+Resident memory (then the switch) is measured in a fresh process per form: RSS after loading the K tasks and
 running each once, minus RSS before. The processes are forked from one server that has
 imported onnxruntime already (multiprocessing's forkserver with preloaded modules), so a probe
 costs a fork, not an interpreter start. Memory is read from ``/proc`` (Linux). Loading frees
@@ -128,6 +130,15 @@ def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int
     return (total - code) - (total0 - code0), untrimmed, code - code0
 
 
+def _probe(exports: str, form: str, spec: dict, image_size: int, threads: int,
+           repeats: int) -> tuple[float, float, float, float]:
+    """``_resident``, then ``switch_ms``, in this process: a form as a server runs it, alone. In
+    the bench's own process the sessions of every other target (some 250 on the quickstart) are
+    loaded too, and a bound or live switch, one answer, read 1.5-2x what it reads alone."""
+    memory = _resident(exports, form, spec, image_size, threads)
+    return (*memory, switch_ms(Loader(Path(exports), threads), form, spec, image_size, repeats))
+
+
 def memory_probes() -> ProcessPoolExecutor | None:
     """A pool whose every probe runs in a process of its own, forked from a server with
     onnxruntime and this module imported; None where ``/proc`` or forkserver is missing."""
@@ -138,15 +149,14 @@ def memory_probes() -> ProcessPoolExecutor | None:
     return ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
 
 
-def resident_mb(probes: ProcessPoolExecutor | None, exports: Path, form: str, spec: dict, image_size: int,
-                threads: int) -> tuple[float, float, float] | None:
-    """``_resident`` in a process of its own, so earlier sessions and allocator state do not count."""
-    if probes is None:
-        return None
+def probe_form(probes: ProcessPoolExecutor, exports: Path, form: str, spec: dict, image_size: int, threads: int,
+               repeats: int) -> tuple[float, float, float, float]:
+    """``_probe`` in a process of its own, so earlier sessions and allocator state do not count:
+    resident MB (trimmed, untrimmed, library code) and switch ms."""
     try:
-        return probes.submit(_resident, str(exports), form, spec, image_size, threads).result()
-    except Exception as err:  # the probe's own error, with its type: a bench must say why memory is missing
-        raise RuntimeError(f"resident-memory probe of {form} failed: {type(err).__name__}: {err}") from err
+        return probes.submit(_probe, str(exports), form, spec, image_size, threads, repeats).result()
+    except Exception as err:  # the probe's own error, with its type: a bench must say why a figure is missing
+        raise RuntimeError(f"memory and switch probe of {form} failed: {type(err).__name__}: {err}") from err
 
 
 def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[int], warmup: int, runs: int,
@@ -204,10 +214,13 @@ def _rows(out: dict, specs: dict, exports: Path, loader: Loader, latency: dict, 
             merged = median(latency[bs][f"{label}|merged|{t}"]["median_ms"] for t in tasks)
             row["latency"][f"batch{bs}"] = {"median_ms": ms, "ratio_to_base": ms / latency[bs]["base"]["median_ms"],
                                             "ratio_to_merged": ms / merged}
-        row["switch_ms"] = switch_ms(loader, form, spec, image_size, switch_repeats)
         if probes is not None:
-            row["resident_mb"], row["resident_untrimmed_mb"], row["library_code_mb"] = resident_mb(
-                probes, exports, form, spec, image_size, threads)
+            (row["resident_mb"], row["resident_untrimmed_mb"], row["library_code_mb"],
+             row["switch_ms"]) = probe_form(probes, exports, form, spec, image_size, threads, switch_repeats)
+            row["switch_process"] = "own"
+        else:  # no /proc or forkserver, or memory not asked for (a GPU provider): with every target loaded
+            row["switch_ms"] = switch_ms(loader, form, spec, image_size, switch_repeats)
+            row["switch_process"] = "bench"
         out["methods"].setdefault(label, {})[form] = row
         log(f"  {label}/{form}: {row['bytes']:,} bytes for {len(tasks)} tasks, switch {row['switch_ms']:.1f} ms"
             + (f", resident {row['resident_mb']:.1f} MB" if row.get("resident_mb") is not None else ""))

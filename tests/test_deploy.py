@@ -269,6 +269,7 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
             spec = forms["methods"][label][form]
             assert row["bytes"] == sum((exports / f).stat().st_size for f in spec["files"])  # ledger == disk
             assert row["resident_mb"] > 0 and row["switch_ms"] > 0 and row["library_code_mb"] >= 0
+            assert row["switch_process"] == "own"  # timed beside its own sessions only, as memory is
             assert row["resident_vs_stored"] == pytest.approx(row["resident_mb"] * 2**20 / min(
                 r["bytes"] for f, r in rows.items() if not FORMS[f].lossy))
     nh = deploy["methods"]["norm_head"]
@@ -277,7 +278,10 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     # the CLI re-measures the same run and the report shows both
     assert main(["bench", str(out), "--runs", "2", "--batch-sizes", "1", "--no-memory", "--name", "again",
                  "--prefer", "latency"]) == 0
-    assert "batch1" in read_json(out / "bench" / "again.json")["base"]
+    again = read_json(out / "bench" / "again.json")
+    assert "batch1" in again["base"]
+    assert {r["switch_process"] for rows in again["methods"].values() for r in rows.values()} == {"bench"}
+    assert all(r["switch_ms"] > 0 for rows in again["methods"].values() for r in rows.values())
     if "CUDAExecutionProvider" not in _working_providers(exports / "base.onnx"):
         assert main(["bench", str(out), "--provider", "cuda", "--name", "gpu"]) == 2  # an error, not a CPU timing
         assert not (out / "bench" / "gpu.json").exists()

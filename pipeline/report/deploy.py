@@ -112,7 +112,8 @@ def section(deployment: dict, plot: str | None) -> list[str]:
               "plain models) and the base model, measured in one run. Resident memory leaves out library "
               "code (shared by every process; `library_code_mb` in results.json); x stored is against the "
               "fewest bytes any exact form stores for the K tasks (the base once and the tasks' own "
-              "tensors). Switch: a task brought up from its files to its first answer (batch 1).", ""]
+              "tensors). Switch: a task brought up from its files to its first answer (batch 1), timed in "
+              "a process that runs only that form (as memory is).", ""]
     for device, deploy in devices.items():
         lines += [f"### {device} ({', '.join(deploy['providers'])})", ""] + forms_table(deploy) + [""]
         lines += ["Forms per method, best first (`taskfold bench --prefer storage|latency|memory`):", ""]
