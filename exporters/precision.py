@@ -129,19 +129,23 @@ def conv_weight_params(graph: onnx.GraphProto, excluded: set[str], weight_type: 
     from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
     inits = {i.name: i for i in graph.initializer}
-    params: dict[str, list[dict]] = {}
+    grouped: dict[str, bool] = {}  # weight -> read by a grouped conv (full range with depthwise_full_range)
     for node in graph.node:
-        name = node.input[1] if node.op_type == "Conv" and len(node.input) > 1 else None
-        if name is None or node.name in excluded or name not in inits or name in params:
-            continue
+        if node.op_type == "Conv" and len(node.input) > 1 and node.name not in excluded and node.input[1] in inits:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            grouped[node.input[1]] = grouped.get(node.input[1], False) or group > 1
+    params: dict[str, list[dict]] = {}
+    for name, depthwise in grouped.items():
         w = numpy_helper.to_array(inits[name])
         if w.dtype != np.float32 or w.ndim < 2 or not w.size:
             continue
-        depthwise = next((a.i for a in node.attribute if a.name == "group"), 1) > 1
         qmin, qmax = get_qmin_qmax_for_qType(weight_type, reduce_range and not (depthwise and depthwise_full_range),
                                              symmetric=True)
         flat = w.reshape(len(w), -1)
         absmax = np.maximum(np.abs(np.minimum(flat.min(axis=1), 0)), np.abs(np.maximum(flat.max(axis=1), 0)))
+        if not np.isfinite(absmax).all():
+            raise FormError(f"conv weight {name!r} has non-finite values in output channel(s) "
+                            f"{np.flatnonzero(~np.isfinite(absmax))[:8].tolist()}; it cannot be quantised")
         scale = 2 * absmax.astype(np.float64) / (np.float64(qmax) - np.float64(qmin))
         zero = int(np.round((qmin + qmax) / np.float64(2.0)))
         # a channel whose scale would be under float32's smallest normal gets 1 and zero point 0, as onnxruntime sets it

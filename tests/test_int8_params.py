@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.quant_utils import compute_data_quant_params
 
+from exporters.datafiles import FormError
 from exporters.precision import conv_weight_params
 
 
@@ -73,3 +74,13 @@ def test_handing_them_over_changes_no_byte(tmp_path, qtype):
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=qtype, nodes_to_exclude=["stem"],
                         extra_options={"TensorQuantOverrides": overrides})
     assert files[True].read_bytes() == files[False].read_bytes()
+
+
+def test_a_non_finite_weight_is_named():
+    model = _graph()
+    w = next(i for i in model.graph.initializer if i.name == "conv.w")
+    bad = numpy_helper.to_array(w).copy()
+    bad[3, 1, 0, 0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(bad, "conv.w"))
+    with pytest.raises(FormError, match=r"conv weight 'conv.w' has non-finite values in output channel\(s\) \[3\]"):
+        conv_weight_params(model.graph, {"stem"}, QuantType.QInt8.tensor_type, True, True)

@@ -113,7 +113,8 @@ def section(deployment: dict, plot: str | None) -> list[str]:
               "code (shared by every process; `library_code_mb` in results.json); x stored is against the "
               "fewest bytes any exact form stores for the K tasks (the base once and the tasks' own "
               "tensors). Switch: a task brought up from its files to its first answer (batch 1), timed in "
-              "a process that runs only that form (as memory is).", ""]
+              "a process that runs only that form where memory is measured (`switch_process: own` in "
+              "results.json), else in the bench's process beside every other target (`bench`).", ""]
     for device, deploy in devices.items():
         lines += [f"### {device} ({', '.join(deploy['providers'])})", ""] + forms_table(deploy) + [""]
         lines += ["Forms per method, best first (`taskfold bench --prefer storage|latency|memory`):", ""]
