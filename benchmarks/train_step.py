@@ -6,10 +6,13 @@ methods are interleaved in rounds so machine drift hits them alike.
 
     .venv/bin/python benchmarks/train_step.py [--image-size 64] [--batch 64] [--steps 10]
         [--device cpu|cuda] [--precision fp32|bf16|fp16] [--backbone torchvision:resnet50 --weights none]
+        [--torch-kernels]   # each method also with PyTorch's own CPU kernels only (no
+                            # pipeline.training.depthwise), interleaved: the kernel's gain as a ratio
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -55,6 +58,8 @@ def main() -> None:
     p.add_argument("--methods", default="finetune,taps,ftn,cwps,norm_head,linear_probe")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--torch-kernels", action="store_true",
+                   help="also time each method with PyTorch's own CPU kernels only (label 'METHOD/torch')")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     runtime = Runtime(resolve_device(args.device), args.precision)
@@ -68,9 +73,13 @@ def main() -> None:
                        args.image_size, 0)
     schedule = Schedule(epochs=4, batch_size=args.batch, lr=1e-3, head_lr_scale=10)
     steps = {n: make_step(bb, n, x, y, digits, schedule, runtime) for n in names}
+    if args.torch_kernels:
+        plain = dataclasses.replace(runtime, depthwise_kernels=False)
+        steps |= {f"{n}/torch": make_step(bb, n, x, y, digits, schedule, plain) for n in names}
+        steps = {k: steps[k] for n in names for k in (n, f"{n}/torch")}  # each next to its twin
     for s in steps.values():  # warm-up
         s(), s()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in steps}
     rounds = 5
     for _ in range(rounds):
         for n, s in steps.items():
@@ -83,13 +92,19 @@ def main() -> None:
            "device": str(runtime.device), "precision": args.precision, "methods": {}}
     print(f"{args.backbone} {args.image_size}px, batch {args.batch}, {args.threads} threads, {runtime.device}, "
           f"{args.precision}")
-    print(f"{'method':14s} {'median ms/step':>15s} {'p90':>8s} {'images/s':>9s} {'x finetune':>11s}")
+    print(f"{'method':20s} {'median ms/step':>15s} {'p90':>8s} {'images/s':>9s} {'x finetune':>11s}"
+          + (f" {'x torch kernels':>16s}" if args.torch_kernels else ""))
     for n, t in times.items():
         med, p90 = float(np.median(t)) * 1e3, float(np.percentile(t, 90)) * 1e3
         ratio = med / (ref * 1e3) if ref else None
         ips = args.batch / (med / 1e3)
         out["methods"][n] = {"median_ms": med, "p90_ms": p90, "images_per_s": ips, "ratio_to_finetune": ratio}
-        print(f"{n:14s} {med:15.1f} {p90:8.1f} {ips:9.0f} {ratio if ratio else float('nan'):11.3f}")
+        line = f"{n:20s} {med:15.1f} {p90:8.1f} {ips:9.0f} {ratio if ratio else float('nan'):11.3f}"
+        if args.torch_kernels and not n.endswith("/torch"):
+            own = med / (float(np.median(times[f"{n}/torch"])) * 1e3)
+            out["methods"][n]["ratio_to_torch_kernels"] = own
+            line += f" {own:16.3f}"
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -104,7 +104,7 @@ class TaskTrainer:
         rt, method = self.runtime, self.method
         x = x.to(rt.device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
         y = y.to(rt.device, non_blocking=True)
-        with rt.autocast():
+        with rt.compute(self.model):
             loss = F.cross_entropy(self.net(x), y)
             reg = method.regulariser(self.model, epoch)
             if reg is not None:

@@ -161,7 +161,7 @@ class JointTrainer:
         for t, (x, y) in batches.items():
             x = x.to(rt.device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
             y = y.to(rt.device, non_blocking=True)
-            with rt.autocast():
+            with rt.compute(model):
                 loss = method.task_weight(t) * F.cross_entropy(model.use(t)(x), y)
             if not torch.isfinite(loss):
                 s = self.schedule
@@ -169,7 +169,7 @@ class JointTrainer:
                                     f"{s.lr:g}, from {s.lr_source}); lower {s.lr_source}")
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             step_loss += loss.item()
-        with rt.autocast():
+        with rt.compute(model):
             reg = method.regulariser(model, epoch)
         if reg is not None and reg.requires_grad:
             if not torch.isfinite(reg):

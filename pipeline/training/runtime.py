@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.core.errors import TaskfoldError
+from pipeline.training.depthwise import depthwise_kernels, trains_depthwise
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +54,7 @@ class Runtime:
     workers: int = 0  # DataLoader workers for sources that decode files
     on_bad_image: str = "error"
     sync_bn: bool = False
+    depthwise_kernels: bool = True  # False: PyTorch's own CPU kernels only (benchmarks/train_step.py compares)
 
     @property
     def distributed(self) -> bool:
@@ -63,11 +65,16 @@ class Runtime:
         """The process that writes files."""
         return self.rank == 0
 
-    def autocast(self):
+    def compute(self, model: torch.nn.Module):
+        """The context a training forward of ``model`` runs in: autocast for the precision; in
+        float32 on a CPU, with depthwise weights to train, taskfold's depthwise kernels
+        (``pipeline.training.depthwise``)."""
         dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        if dtype is not None:
+            return torch.autocast(self.device.type, dtype=dtype)
+        if self.device.type == "cpu" and self.depthwise_kernels and trains_depthwise(model):
+            return depthwise_kernels()
+        return contextlib.nullcontext()
 
     def scaler(self):
         """A GradScaler for fp16 (float16 gradients underflow without one), else None."""
