@@ -1,14 +1,15 @@
 """A faster CPU weight gradient for depthwise convs whose kernel is larger than their input.
 
 PyTorch's CPU kernel for a depthwise conv's weight gradient is slow when the kernel reaches
-past the input on a side (its padded extent wider or taller than the input): EfficientNet's
+past the input on a side (its dilated extent wider or taller than the input): EfficientNet's
 late blocks at 64 px (4x4 and 2x2 maps, 5x5 kernels, 480-1152 channels) took 25-44 ms each
 for a batch of 64 on one thread, against 0.2-0.7 ms for the same conv's forward. Summing, per
-kernel tap, the product of the shifted input and the output gradient takes 1.4-7 ms there
-(this machine, torch 2.14); where the input is larger than the kernel, PyTorch's own kernel is
-the faster one and is kept. A fine-tune step of EfficientNet-Lite0 (64 px, batch 64, one
-thread) went from 750-770 ms to 480-505 ms; every method that trains depthwise weights
-(fine-tune, TAPS, CWPS, FTN, AdaShare) gains alike.
+kernel tap, the product of the input and the output gradient where that tap sees the input
+takes 0.8-3.4 ms there (this machine, torch 2.14); where the input is larger than the kernel,
+PyTorch's own kernel is the faster one and is kept (480 channels at 14x14, 5x5: 48 against
+98 ms). Per training step of EfficientNet-Lite0 (64 px, batch 64, one thread, interleaved in
+one run of ``benchmarks/train_step.py --torch-kernels``): fine-tune 0.58x, TAPS 0.62x, FTN
+0.58x, CWPS 0.59x the time with PyTorch's kernel alone.
 
 ``depthwise_kernels()`` is a ``TorchFunctionMode`` that routes such ``conv2d`` calls (CPU,
 float32, a weight that needs a gradient, one filter per input channel) to ``DepthwiseConv2d``,
@@ -31,19 +32,32 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _overlap(n_in: int, n_out: int, tap: int, stride: int, pad: int, dilation: int) -> tuple[slice, slice] | None:
+    """(input slice, output slice) along one axis where kernel tap ``tap`` sees the input (not
+    the padding): output o reads input ``o * stride - pad + tap * dilation``; None if nowhere."""
+    off = tap * dilation - pad
+    lo = max(0, -(off // stride))  # the first o with o * stride + off >= 0
+    hi = min(n_out - 1, (n_in - 1 - off) // stride)
+    if lo > hi:
+        return None
+    return slice(lo * stride + off, hi * stride + off + 1, stride), slice(lo, hi + 1)
+
+
 def depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size,
                           stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """d loss / d weight of a depthwise conv (weight ``(C, 1, kh, kw)``): per tap (i, j), the
-    output gradient times the input seen through that tap, summed over batch and positions."""
+    output gradient times the input seen through that tap, summed over batch and positions.
+    Only where the tap sees the input: no padded copy, and a tap that sees only padding is 0."""
     c, _, kh, kw = weight_shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    xp = F.pad(x, [pw, pw, ph, ph])
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
-    out = torch.empty(c, kh * kw, dtype=grad_out.dtype, device=grad_out.device)
+    (h, w), (ho, wo) = x.shape[2:], grad_out.shape[2:]
+    out = torch.zeros(c, kh, kw, dtype=grad_out.dtype, device=grad_out.device)
     for i in range(kh):
+        rows = _overlap(h, ho, i, stride[0], padding[0], dilation[0])
         for j in range(kw):
-            seen = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            out[:, i * kw + j] = (seen * grad_out).sum((0, 2, 3))
+            cols = _overlap(w, wo, j, stride[1], padding[1], dilation[1])
+            if rows is not None and cols is not None:
+                seen = x[:, :, rows[0], cols[0]]
+                out[:, i, j] = (seen * grad_out[:, :, rows[1], cols[1]]).sum((0, 2, 3))
     return out.view(weight_shape)
 
 
