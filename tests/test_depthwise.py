@@ -144,3 +144,30 @@ def test_entered_only_where_it_can_help():
     assert _kernel_used(Runtime(), net)
     net.dw.parametrizations.weight[0].s.requires_grad_(False)
     assert not _kernel_used(Runtime(), net)
+
+
+def test_conv2d_argument_forms():
+    """One-element sequences for stride, padding and dilation, as ``F.conv2d`` takes them."""
+    x = torch.randn(2, 4, 3, 3)
+    dense = torch.randn(8, 4, 3, 3, requires_grad=True)
+    with depthwise_kernels():
+        y = F.conv2d(x, dense, None, 1, 1, (1,))
+    torch.testing.assert_close(y, F.conv2d(x, dense, None, 1, 1, 1))
+    w = torch.randn(4, 1, 5, 5)
+    ref = _grads(lambda x, w, b: F.conv2d(x, w, b, 1, 2, 1, 4), x, w, None)
+    with depthwise_kernels():
+        got = _grads(lambda x, w, b: F.conv2d(x, w, b, [1], [2], [1], 4), x, w, None)
+        assert "DepthwiseConv2d" in _backward_name(x, w.requires_grad_(), stride=[1], padding=(2,), groups=4)
+    for r, g in zip(ref[:3], got[:3]):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_in_the_parameters_layout():
+    """DDP's gradient buckets expect a gradient with its parameter's strides."""
+    w = torch.randn(6, 1, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last)
+    with depthwise_kernels():
+        y = F.conv2d(x, w, padding=2, groups=6)
+    y.sum().backward()
+    assert "DepthwiseConv2d" in type(y.grad_fn).__name__
+    assert w.grad.stride() == w.stride()

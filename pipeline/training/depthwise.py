@@ -16,7 +16,9 @@ float32, a weight that needs a gradient, one filter per input channel) to ``Dept
 whose forward and input gradient are PyTorch's own; every other call passes through unchanged.
 The gradients agree with PyTorch's to float rounding (``tests/test_depthwise.py``). A mode sees
 every op of the forward (2-10 ms a step here), so the trainer enters it only for a model with
-depthwise weights to train (``trains_depthwise``): not for a linear probe or norms and head."""
+depthwise weights to train (``trains_depthwise``): not for a linear probe or norms and head.
+What the trainer does not need, the routed convs do not do: a second derivative
+(``create_graph``) or ``torch.func`` transforms through them raise PyTorch's error."""
 from __future__ import annotations
 
 import torch
@@ -29,7 +31,11 @@ _ARGS = ("bias", "stride", "padding", "dilation", "groups")
 
 
 def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    """``conv2d``'s int, 1- or 2-sequence for (height, width)."""
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(n) for n in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def _overlap(n_in: int, n_out: int, tap: int, stride: int, pad: int, dilation: int) -> tuple[slice, slice] | None:
@@ -43,22 +49,21 @@ def _overlap(n_in: int, n_out: int, tap: int, stride: int, pad: int, dilation: i
     return slice(lo * stride + off, hi * stride + off + 1, stride), slice(lo, hi + 1)
 
 
-def depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size,
+def depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                           stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-    """d loss / d weight of a depthwise conv (weight ``(C, 1, kh, kw)``): per tap (i, j), the
+    """d loss / d ``weight`` of a depthwise conv (``(C, 1, kh, kw)``): per tap (i, j), the
     output gradient times the input seen through that tap, summed over batch and positions.
     Only where the tap sees the input: no padded copy, and a tap that sees only padding is 0."""
-    c, _, kh, kw = weight_shape
+    out = torch.zeros_like(weight)  # its layout too: DDP's buckets expect the parameter's strides
     (h, w), (ho, wo) = x.shape[2:], grad_out.shape[2:]
-    out = torch.zeros(c, kh, kw, dtype=grad_out.dtype, device=grad_out.device)
-    for i in range(kh):
+    for i in range(weight.shape[2]):
         rows = _overlap(h, ho, i, stride[0], padding[0], dilation[0])
-        for j in range(kw):
+        for j in range(weight.shape[3]):
             cols = _overlap(w, wo, j, stride[1], padding[1], dilation[1])
             if rows is not None and cols is not None:
                 seen = x[:, :, rows[0], cols[0]]
-                out[:, i, j] = (seen * grad_out[:, :, rows[1], cols[1]]).sum((0, 2, 3))
-    return out.view(weight_shape)
+                out[:, 0, i, j] = (seen * grad_out[:, :, rows[1], cols[1]]).sum((0, 2, 3))
+    return out
 
 
 class DepthwiseConv2d(torch.autograd.Function):
@@ -84,13 +89,13 @@ class DepthwiseConv2d(torch.autograd.Function):
                 grad_out, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0],
                 weight.shape[0], [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(grad_out, x, weight.shape, stride, padding, dilation)
+            grad_w = depthwise_weight_grad(grad_out, x, weight, stride, padding, dilation)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def routed(x: torch.Tensor, weight: torch.Tensor, padding, dilation: tuple[int, int], groups: int) -> bool:
+def routed(x: torch.Tensor, weight: torch.Tensor, padding, dilation, groups: int) -> bool:
     """Whether a ``conv2d`` call goes to ``DepthwiseConv2d``: a CPU float32 depthwise conv (one
     filter per input channel) whose weight needs a gradient and whose kernel, dilated, is taller
     or wider than its input."""
@@ -101,6 +106,7 @@ def routed(x: torch.Tensor, weight: torch.Tensor, padding, dilation: tuple[int, 
         return False
     if not (groups > 1 and weight.shape[1] == 1 and weight.shape[0] == groups == x.shape[1]):
         return False
+    dilation = _pair(dilation)
     return dilation[0] * (weight.shape[2] - 1) + 1 > x.shape[2] or dilation[1] * (weight.shape[3] - 1) + 1 > x.shape[3]
 
 
@@ -125,8 +131,7 @@ class depthwise_kernels(TorchFunctionMode):
         if func is F.conv2d and len(args) >= 2:
             opts = dict(zip(_ARGS, args[2:])) | kwargs
             x, weight = args[0], args[1]
-            padding, dilation, groups = opts.get("padding", 0), _pair(opts.get("dilation", 1)), opts.get("groups", 1)
-            if routed(x, weight, padding, dilation, groups):
+            if routed(x, weight, opts.get("padding", 0), opts.get("dilation", 1), opts.get("groups", 1)):
                 return DepthwiseConv2d.apply(x, weight, opts.get("bias"), _pair(opts.get("stride", 1)),
-                                             _pair(padding), dilation)
+                                             _pair(opts.get("padding", 0)), _pair(opts.get("dilation", 1)))
         return func(*args, **kwargs)
