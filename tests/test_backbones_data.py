@@ -66,6 +66,16 @@ def test_torchvision_backbone_drops_its_classifier():
     assert bb.features.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
 
 
+@pytest.mark.parametrize("name", ["tf_mobilenetv3_small_minimal_100", "resnet18"])
+def test_timm_head_reads_what_the_features_return(name):
+    """A head as wide as the features' output: MobileNetV3's pre-logits 1x1 conv after pooling
+    returns 1024 values where ``num_features`` says 576."""
+    bb = build_backbone(name, "none")
+    x = torch.zeros(2, 3, 32, 32)
+    assert bb.features.eval()(x).shape == (2, bb.num_features)
+    assert bb.task_net(7).eval()(x).shape == (2, 7)
+
+
 def _write_idx(path, arr: np.ndarray):
     header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     with gzip.open(path, "wb") as f:

@@ -142,7 +142,10 @@ def _build_timm(name: str, weights: str, kwargs: dict[str, Any], weights_map: We
         load_file_weights(model, Path(weights), weights_map, _classifier_prefixes(model))
     cfg = timm.data.resolve_data_config({}, model=model)
     model.reset_classifier(0)
-    return Backbone(name, model, model.num_features, tuple(cfg["mean"]), tuple(cfg["std"]), kwargs,
+    # what the model returns without its classifier: the pre-logits layer's width where it has
+    # one (MobileNetV3/V4, GhostNet: a 1x1 conv after pooling, 960 -> 1280), else num_features
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    return Backbone(name, model, width, tuple(cfg["mean"]), tuple(cfg["std"]), kwargs,
                     cfg.get("interpolation", "bilinear"), float(cfg.get("crop_pct", 0.875)))
 
 
