@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pipeline.core.backbones import build_backbone
 from pipeline.training.depthwise import DepthwiseConv2d, depthwise_kernels
 from pipeline.training.runtime import Runtime
 
@@ -171,3 +172,15 @@ def test_weight_gradient_in_the_parameters_layout():
     y.sum().backward()
     assert "DepthwiseConv2d" in type(y.grad_fn).__name__
     assert w.grad.stride() == w.stride()
+
+
+def test_the_tiny_convnet_routes_with_5x5_kernels_at_8_px():
+    """tests/test_scale.py's two-rank and resume tests run there, so they cover the kernel."""
+    from tests.test_scale import ROUTED
+
+    net = build_backbone(ROUTED["name"], "none", ROUTED["kwargs"]).task_net(3)
+    names = []
+    net.features.blocks[0].conv_dw.register_forward_hook(lambda m, i, o: names.append(type(o.grad_fn).__name__))
+    with Runtime().compute(net):
+        net(torch.randn(2, 3, ROUTED["image_size"], ROUTED["image_size"]))
+    assert "DepthwiseConv2d" in names[0]

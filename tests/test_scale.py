@@ -106,12 +106,15 @@ def test_a_bundle_trained_on_the_gpu_exports_on_the_cpu(tmp_path):
 
 DDP_METHODS = ["linear_probe", {"name": "ftn", "rank": 2, "task_norms": False}, "finetune",
                {"name": "joint_finetune"}]
+# 5x5 depthwise kernels on 4x4 maps: their weight gradients go through taskfold's CPU kernel
+# (pipeline.training.depthwise; tests/test_depthwise.py checks that this backbone routes)
+ROUTED = {"name": "tiny_convnet", "weights": "none", "image_size": 8, "kwargs": {"dw_kernel": 5}}
 
 
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = _cfg_file(tmp, methods=DDP_METHODS, train={"epochs": 2, "batch_size": 32, "lr": 0.05})
+    cfg = _cfg_file(tmp, methods=DDP_METHODS, backbone=ROUTED, train={"epochs": 2, "batch_size": 32, "lr": 0.05})
     one = _taskfold(cfg, "--out", tmp / "one")
     two = _taskfold(cfg, "--out", tmp / "two", procs=2)
     return tmp, cfg, _done(one), _done(two)
@@ -145,7 +148,7 @@ def test_two_ranks_give_the_one_rank_delta(one_and_two_ranks):
 def test_a_killed_two_rank_run_resumes_to_the_same_delta(one_and_two_ranks, tmp_path):
     tmp, _, _, _ = one_and_two_ranks
     # epochs long enough (~28 steps) that the kill lands between the first checkpoint and the end
-    cfg = _cfg_file(tmp_path, methods=[{"name": "ftn", "rank": 2, "task_norms": False}],
+    cfg = _cfg_file(tmp_path, methods=[{"name": "ftn", "rank": 2, "task_norms": False}], backbone=ROUTED,
                     tasks=[{"name": "digits", "source": {"type": "digits"}, "train_size": 900, "val_size": 32,
                             "test_size": 48}],
                     train={"epochs": 4, "batch_size": 32, "lr": 0.05})

@@ -9,12 +9,12 @@ from torch import nn
 class TinyBlock(nn.Module):
     """Inverted residual with a depthwise conv, like EfficientNet's, at toy width."""
 
-    def __init__(self, c: int, expand: int = 2):
+    def __init__(self, c: int, expand: int = 2, kernel: int = 3):
         super().__init__()
         h = c * expand
         self.conv_pw = nn.Conv2d(c, h, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(h)
-        self.conv_dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
+        self.conv_dw = nn.Conv2d(h, h, kernel, padding=kernel // 2, groups=h, bias=False)
         self.bn2 = nn.BatchNorm2d(h)
         self.conv_pwl = nn.Conv2d(h, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
@@ -30,11 +30,13 @@ class TinyConvNet(nn.Module):
 
     num_features = 16
 
-    def __init__(self, width: int = 8):
+    def __init__(self, width: int = 8, dw_kernel: int = 3):
+        """``dw_kernel``: the depthwise convs' kernel (odd; 5 at 8 px is larger than their 4x4
+        maps, as in EfficientNet's late blocks at 64 px)."""
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
-        self.blocks = nn.Sequential(TinyBlock(width), TinyBlock(width))
+        self.blocks = nn.Sequential(TinyBlock(width, kernel=dw_kernel), TinyBlock(width, kernel=dw_kernel))
         self.proj = nn.Linear(width, self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
