@@ -7,6 +7,8 @@ there, and renamed into place whole: its files point into each other.
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,7 +68,8 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     merged models are already at ``<label>/<task>.onnx``; ``images[task]``: a ``TaskImages``.
     Every form is checked against its reference: an exact form that fails its ``thresholds`` is an
     error (a bug, nothing written), a lossy one (FP16, INT8) that loses too much is not shipped
-    (its files removed, the reason in ``forms.json``). Returns ``{"forms": ..., "checks": ...}``."""
+    (its files removed, the reason in ``forms.json``). Returns ``{"forms": ..., "checks": ...,
+    "seconds": {form: {"build": s, "check": s}}}``: where the time went, summed over the methods."""
     exports = Path(exports)
     asked = set(forms)
     for name in list(asked):  # a form is built from the forms it requires (bound from live): they come along
@@ -75,6 +78,7 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
         log(f"export: also building {', '.join(added)}, which {', '.join(sorted(set(forms)))} are built from")
     wanted = ["merged"] + [f for f in FORMS if f in asked and f != "merged"]
     manifest: dict = {"methods": {}}
+    seconds: dict[str, dict[str, float]] = defaultdict(lambda: {"build": 0.0, "check": 0.0})
     base = onnx.load(str(exports / "base.onnx"))
     with atomic_dir(exports / SHARED) as tmp:
         writer = SharedWriter(tmp, base)
@@ -85,7 +89,9 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
             ctx.bundle_base(bundle)
             specs = ctx.specs.setdefault(label, {})
             for name in wanted:
+                t0 = time.perf_counter()
                 specs[name] = _build_one(ctx, name, label, bundle, specs)
+                seconds[name]["build"] += time.perf_counter() - t0
             manifest["methods"][label] = specs
         manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items() if loc != BASE_DATA}
         checks = dict(ctx.checks)
@@ -97,7 +103,9 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
                 if "unavailable" in spec:
                     continue
                 form = FORMS[name](ctx.options.get(name))
+                t0 = time.perf_counter()
                 found = form.check(ctx, label, spec)
+                seconds[name]["check"] += time.perf_counter() - t0
                 checks |= found
                 failed = {k: r for k, c in found.items() if (r := thresholds.verdict(c, form.lossy))}
                 if failed and not form.lossy:
@@ -111,7 +119,8 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
                     continue
                 spec["bytes"] = sum(ctx.loader.path(f).stat().st_size for f in spec["files"])
     write_json(exports / "forms.json", manifest)
-    return {"forms": manifest, "checks": checks}
+    rounded = {n: {k: round(v, 2) for k, v in s.items()} for n, s in seconds.items()}
+    return {"forms": manifest, "checks": checks, "seconds": rounded}
 
 
 def _build_one(ctx: BuildContext, name: str, label: str, bundle, built: dict) -> dict:

@@ -10,6 +10,7 @@ images); INT8 needs real calibration images, and without any it is left out with
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -61,17 +62,23 @@ def export_bundles(bundles: dict, out: Path, forms: list[str] | None = None, ima
     exporter = OnnxExporter(size, opset)
     n0 = next(iter(first.manifest["tasks"].values()))["num_classes"]
     base = base_model(base_features if base_features is not None else first.base.features, info["num_features"], n0)
+    t0 = time.perf_counter()
     exporter.export(base, out / "base.onnx")
+    seconds = {"merged": {"build": time.perf_counter() - t0, "check": 0.0}}
     outputs, parities, flops = ["base.onnx"], {}, {"base": count_flops(base, size)}
     images = images or {}
     for label, bundle in bundles.items():
         for task in bundle.tasks:
             rel = f"{label}/{task}.onnx"
+            t0 = time.perf_counter()
             merged = bundle.merged(task)
             flops[f"{label}/{task}"] = count_flops(merged, size)
             exporter.export(merged, out / rel, metadata(label, task, bundle))
+            t1 = time.perf_counter()
             given = images.get(task)
             check = parity(merged, session(out / rel, threads), (given or synthetic_images(size)).exact_batches())
+            seconds["merged"]["build"] += t1 - t0
+            seconds["merged"]["check"] += time.perf_counter() - t1
             if reason := thresholds.verdict(check, lossy=False):
                 (out / rel).unlink(missing_ok=True)
                 raise CheckFailed(f"{out / rel}: ONNX Runtime does not reproduce torch on the "
@@ -82,6 +89,7 @@ def export_bundles(bundles: dict, out: Path, forms: list[str] | None = None, ima
                 f"{check['argmax_agree']:.4f} on {check['images']} {'test images' if given else 'check inputs'}")
     record = {"image_size": size, "backbone": info["name"], "opset": opset, "outputs": outputs, "parity": parities,
               "flops": flops, "traces": exporter.traces}
+    seconds["merged"] = {k: round(v, 2) for k, v in seconds["merged"].items()}
     forms = list(OPTIONAL if forms is None else forms)
     if forms:
         log(f"export: deployment forms {', '.join(forms)}")
@@ -91,9 +99,12 @@ def export_bundles(bundles: dict, out: Path, forms: list[str] | None = None, ima
             log("export: no calibration images, so no INT8 form (taskfold export --calibration DIR gives some)")
         built = build_forms(out, exporter, forms, bundles, for_forms, threads, options, log, thresholds)
         record |= {"forms": built["forms"], "form_checks": built["checks"]}
+        seconds |= {k: v for k, v in built["seconds"].items() if k != "merged"}
         outputs.append("forms.json")
+    record["seconds"] = seconds  # per form, build (ONNX export and tracing for merged) and check
     write_json(out / "export.json", {k: v for k, v in record.items() if k not in ("forms",)})
-    log(f"export: {len(outputs)} files from {exporter.traces} trace(s) in {out}")
+    log(f"export: {len(outputs)} files from {exporter.traces} trace(s) in {out}; seconds per form (build, check): "
+        + ", ".join(f"{k} {v['build']:.0f}+{v['check']:.0f}" for k, v in seconds.items()))
     return record
 
 

@@ -254,6 +254,10 @@ def test_run_builds_checks_and_benches_every_form(tmp_path):
     # every form that was built was checked on every task (merged is the reference)
     # (no method here repeats rows: the rows form is built and checked in test_rows_form.py)
     assert {k.rsplit("/", 2)[-1] for k in checks} >= set(OPTIONAL) - {"rows"}
+    # where the stage's time went: every form built or tried, merged's export timed, in the report too
+    seconds = read_json(out / "stages" / "export.json")["seconds"]
+    assert set(seconds) == set(FORMS) and seconds["merged"]["build"] > 0 and seconds["int8"]["check"] > 0
+    assert "Export seconds per form" in (out / "report.md").read_text()
     bench = read_json(out / "stages" / "bench.json")
     deploy = bench["deploy"]
     # the merged models are timed once, among the forms: the latency table is that run's figures

@@ -74,6 +74,7 @@ def collect(cfg, run: RunDir, timings: dict) -> dict:
         "methods": methods,
         "deployment": deployment(run, bench.get("deploy"), export.get("form_checks", {})),
         "stage_seconds": timings,
+        "export_seconds": export.get("seconds", {}),  # per form: build (ONNX export, tracing) and check
     }
 
 

@@ -161,6 +161,9 @@ def markdown(res: dict, sections: dict, plots: dict[str, str], deploy_plot: str 
     for title, rel in plots.items():
         lines += ["", f"## {title}", "", f"![{title}]({rel})"]
     lines += ["", f"Stage wall times (s): {res['stage_seconds']}", ""]
+    if per_form := res.get("export_seconds"):
+        lines += ["Export seconds per form (build + check): "
+                  + ", ".join(f"{k} {v['build']:.1f} + {v['check']:.1f}" for k, v in per_form.items()), ""]
     return "\n".join(lines)
 
 
