@@ -7,6 +7,7 @@ there, and renamed into place whole: its files point into each other.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -83,16 +84,19 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
     with atomic_dir(exports / SHARED) as tmp:
         writer = SharedWriter(tmp, base)
         ctx = BuildContext(exports, writer, exporter, Loader(exports, threads, shared_dir=tmp), images,
-                           dict(options or {}), log, forms=FORMS)
+                           dict(options or {}), log, forms=FORMS, workers=threads or os.cpu_count() or 1)
         manifest["base_data"] = {"file": f"{SHARED}/{BASE_DATA}", "bytes": writer.base_bytes}
-        for label, bundle in bundles.items():
-            ctx.bundle_base(bundle)
-            specs = ctx.specs.setdefault(label, {})
-            for name in wanted:
-                t0 = time.perf_counter()
-                specs[name] = _build_one(ctx, name, label, bundle, specs)
-                seconds[name]["build"] += time.perf_counter() - t0
-            manifest["methods"][label] = specs
+        try:
+            for label, bundle in bundles.items():
+                ctx.bundle_base(bundle)
+                specs = ctx.specs.setdefault(label, {})
+                for name in wanted:
+                    t0 = time.perf_counter()
+                    specs[name] = _build_one(ctx, name, label, bundle, specs)
+                    seconds[name]["build"] += time.perf_counter() - t0
+                manifest["methods"][label] = specs
+        finally:
+            ctx.close()
         manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items() if loc != BASE_DATA}
         checks = dict(ctx.checks)
         for key, check in ctx.checks.items():  # the branch graphs against torch

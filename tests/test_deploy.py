@@ -164,6 +164,43 @@ def test_edge_variants_run_and_stay_close(tmp_path, graphs):
         assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()  # sanity, not an accuracy claim
 
 
+def test_edge_variants_made_in_worker_processes_equal_those_made_here(tmp_path, graphs):
+    """The export builds INT8 and FP16 variants two at a time in spawned processes: the files
+    must be the bytes one process writes, metadata included, and a worker's error must reach
+    the caller with its message."""
+    from exporters.forms.base import BuildContext
+    from exporters.forms.edge import fp16_variant, int8_variant
+
+    paths, x = graphs
+    srcs = [paths["own_convs"], paths["norms_only"]]
+    for p in srcs:
+        model = onnx.load(str(p))
+        onnx.helper.set_model_props(model, {"taskfold.task": p.stem})
+        onnx.save_model(model, str(p))
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    for src in srcs:
+        int8_variant(src, here / f"{src.stem}.int8.onnx", x[:32], Int8Recipe())
+        fp16_variant(src, here / f"{src.stem}.fp16.onnx")
+    ctx = BuildContext(tmp_path, None, None, None, {}, workers=2)
+    try:
+        ctx.map(int8_variant, srcs, [there / f"{s.stem}.int8.onnx" for s in srcs], [x[:32]] * 2, [Int8Recipe()] * 2)
+        ctx.map(fp16_variant, srcs, [there / f"{s.stem}.fp16.onnx" for s in srcs])
+        assert ctx._pool is not None  # it did use processes
+        with pytest.raises(Exception, match="missing.onnx"):
+            ctx.map(fp16_variant, [tmp_path / "missing.onnx"] * 2, [there / "a.onnx", there / "b.onnx"])
+    finally:
+        ctx.close()
+    for f in sorted(here.iterdir()):
+        assert (there / f.name).read_bytes() == f.read_bytes(), f.name
+    assert read_metadata_task(there / "norms_only.int8.onnx") == "norms_only"
+    assert not (there / "a.onnx").exists() and not (there / "b.onnx").exists()
+
+
+def read_metadata_task(path) -> str:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}["taskfold.task"]
+
+
 @pytest.mark.parametrize("recipe", [Int8Recipe(), Int8Recipe(reduce_range=False, float_first_conv=False)])
 def test_int8_folds_norms_and_follows_its_recipe(tmp_path, graphs, recipe):
     paths, x = graphs

@@ -15,6 +15,8 @@ for K tasks. Each is one module with:
 """
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -47,6 +49,8 @@ class BuildContext:
     graphs: dict[tuple[str, str], dict[str, onnx.ModelProto]] = field(default_factory=dict)  # (label, form) -> graphs
     checks: dict[str, dict] = field(default_factory=dict)  # checks a form makes while building (branch vs torch)
     forms: dict[str, type] = field(default_factory=dict)  # the registry, for forms checked against another form
+    workers: int = 1  # processes for conversions that are independent per task (INT8, FP16)
+    _pool: ProcessPoolExecutor | None = None
     _bases: dict[str, onnx.ModelProto] = field(default_factory=dict)
     _logits: dict[tuple[str, str, bool], np.ndarray] = field(default_factory=dict)
 
@@ -68,6 +72,22 @@ class BuildContext:
                 rest = (run(np.ascontiguousarray(x, dtype=np.float32))[0] for x in images.rest_batches())
                 self._logits[key] = np.concatenate([first, *rest])
         return self._logits[key]
+
+    def map(self, fn: Callable, *args: list) -> list:
+        """``fn`` over the argument lists, in order, in up to ``workers`` processes (started once per
+        build, spawned: the parent's thread pools do not survive a fork). Quantising a model is
+        mostly single-threaded Python (onnxruntime's quantiser), so on 2 cores two at a time take
+        about half the time. ``fn`` must be a module-level function."""
+        if self.workers <= 1 or len(args[0]) <= 1:
+            return [fn(*a) for a in zip(*args)]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return list(self._pool.map(fn, *args))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def bundle_base(self, bundle) -> onnx.ModelProto:
         """The bundle's base as a graph, registered with the writer once per distinct base file.

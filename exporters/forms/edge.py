@@ -23,17 +23,24 @@ def keep_metadata(src, dst) -> None:
             onnx.save_model(model, str(tmp))
 
 
+def fp16_variant(src, dst) -> None:
+    to_fp16(src, dst)
+    keep_metadata(src, dst)
+
+
+def int8_variant(src, dst, calibration, recipe: Int8Recipe) -> None:
+    to_int8(src, dst, calibration, recipe=recipe)
+    keep_metadata(src, dst)
+
+
 class Fp16(Form):
     name = "fp16"
     note = "merged, float16 weights and compute"
     lossy = True
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
-        files = {}
-        for t in bundle.tasks:
-            files[t] = f"{label}/{t}.fp16.onnx"
-            to_fp16(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
-            keep_metadata(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
+        files = {t: f"{label}/{t}.fp16.onnx" for t in bundle.tasks}
+        ctx.map(fp16_variant, [ctx.exports / label / f"{t}.onnx" for t in files], [ctx.exports / f for f in files.values()])
         return sessions_spec(files, shared=False)
 
 
@@ -44,10 +51,7 @@ class Int8(Form):
     lossy = True
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
-        files = {}
-        for t in bundle.tasks:
-            files[t] = f"{label}/{t}.int8.onnx"
-            to_int8(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t], ctx.images[t].calibration,
-                    recipe=self.options)
-            keep_metadata(ctx.exports / label / f"{t}.onnx", ctx.exports / files[t])
+        files = {t: f"{label}/{t}.int8.onnx" for t in bundle.tasks}
+        ctx.map(int8_variant, [ctx.exports / label / f"{t}.onnx" for t in files], [ctx.exports / f for f in files.values()],
+                [ctx.images[t].calibration for t in files], [self.options] * len(files))
         return sessions_spec(files, shared=False)
