@@ -176,25 +176,32 @@ def bench_forms(exports: Path, forms: dict, image_size: int, batch_sizes: list[i
         if cpu := sorted({form for _, form in specs if FORMS[form].cpu_only}):
             log(f"bench forms: {', '.join(cpu)} left out: built for the CPU, not {loader.providers[0]}")
         specs = {k: v for k, v in specs.items() if not FORMS[k[1]].cpu_only}
+    t0 = time.perf_counter()
     targets: dict[str, Callable] = {"base": runner(loader.open("base.onnx", shared=False)),
                                     "base_repeat": runner(loader.open("base.onnx", shared=False))}  # the noise floor
     for (label, form), spec in specs.items():
         for task, fn in FORMS[form]().targets(loader, spec).items():
             targets[f"{label}|{form}|{task}"] = fn
+    seconds = {"open": time.perf_counter() - t0}
     latency = {}
     for bs in batch_sizes:
         log(f"bench forms: batch {bs}, {len(targets)} targets on {', '.join(loader.providers)}")
+        t0 = time.perf_counter()
         latency[bs] = measure(targets, image_size, bs, warmup, runs)
+        seconds[f"latency_batch{bs}"] = time.perf_counter() - t0
     base_bytes = (exports / "base.onnx").stat().st_size
     out = {"providers": loader.providers, "base": {f"batch{bs}": latency[bs]["base"] for bs in batch_sizes},
            "base_bytes": base_bytes, "methods": {},
            "measured": {f"batch{bs}": latency[bs] for bs in batch_sizes}}
     probes = memory_probes() if memory else None
+    t0 = time.perf_counter()
     try:
         _rows(out, specs, exports, loader, latency, batch_sizes, image_size, threads, probes, switch_repeats, log)
     finally:
         if probes is not None:
             probes.shutdown()
+    seconds["memory_and_switch"] = time.perf_counter() - t0
+    out["seconds"] = {k: round(v, 2) for k, v in seconds.items()}  # where the bench's time goes
     for label, rows in out["methods"].items():
         ref = rows["merged"]
         least = min(row["bytes"] for form, row in rows.items() if not FORMS[form].lossy)

@@ -164,6 +164,8 @@ def markdown(res: dict, sections: dict, plots: dict[str, str], deploy_plot: str 
     if per_form := res.get("export_seconds"):
         lines += ["Export seconds per form (build + check): "
                   + ", ".join(f"{k} {v['build']:.1f} + {v['check']:.1f}" for k, v in per_form.items()), ""]
+    if bench := res["deployment"]["devices"].get("this run (bench stage)", {}).get("seconds"):
+        lines += ["Bench seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in bench.items()), ""]
     return "\n".join(lines)
 
 
