@@ -3,7 +3,9 @@
 ``torch.onnx.export(..., dynamo=True, optimize=False)`` traces one model per architecture
 (input size, head shape); every further task of that shape reuses the trace through
 ``ONNXProgram.apply_weights`` (about 0.1 s instead of ~9 s per task). ``optimize=False``
-keeps every weight a named initializer so the swap is complete.
+keeps every weight a named initializer so the swap is complete. A model that is a traced
+architecture with some modules replaced by identities (AdaShare's skipped blocks) reuses that
+trace too, with those modules cut out of the graph (``exporters.identities``).
 
 Each file written is then constant-folded (``fold_constants``): the exporter emits conv biases
 and clip bounds as Expand/CastLike subgraphs, and onnxruntime fuses BatchNorm and the
@@ -23,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 
+from exporters.identities import NotRemovable, without_modules
 from pipeline.core.compare import compare_logits, model_logits
 from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import atomic_path
@@ -94,17 +97,54 @@ def _quiet():
 
 
 class OnnxExporter:
-    """Exports TaskNets to ONNX files; reuses one trace per architecture signature."""
+    """Exports TaskNets to ONNX files; reuses one trace per architecture signature, and the
+    trace of a full architecture for a model of it with some modules replaced by identities
+    (AdaShare's skipped blocks; ``exporters.identities``)."""
 
     def __init__(self, image_size: int, opset: int = 18):
         self.image_size = image_size
         self.opset = opset
         self._programs: dict[tuple, object] = {}
+        self._modules: dict[tuple, dict[str, str]] = {}  # signature -> {module path: class name}
         self.traces = 0
 
     @staticmethod
     def signature(model: torch.nn.Module) -> tuple:
         return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
+
+    def _traced_with_identities(self, model: torch.nn.Module) -> tuple[tuple, list[str]] | None:
+        """A traced architecture that ``model`` is, but for modules it replaced by identities:
+        (its signature, those module paths), or None."""
+        modules = {p: type(m).__name__ for p, m in model.named_modules()}
+        identities = [p for p, name in modules.items() if p and name == "Identity"]
+        if not identities:
+            return None
+        entries = {k: rest for k, *rest in self.signature(model)}
+        for sig, traced in self._modules.items():
+            removed = [p for p in identities if traced.get(p, "Identity") != "Identity"]
+            if not removed:
+                continue
+            def kept(path: str) -> bool:
+                return not any(path == r or path.startswith(f"{r}.") for r in removed)
+            if ({k: rest for k, *rest in sig if kept(k)} == entries
+                    and {p: n for p, n in traced.items() if kept(p)} == {p: n for p, n in modules.items() if kept(p)}):
+                return sig, removed
+        return None
+
+    def _trace(self, model: torch.nn.Module, sig: tuple):
+        example = torch.zeros(2, 3, self.image_size, self.image_size)
+        try:
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, optimize=False, opset_version=self.opset, verbose=False,
+                input_names=[INPUT], output_names=[OUTPUT],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            )
+        except Exception as err:
+            raise OnnxExportError(f"ONNX export of {type(model).__name__} failed: {err}") from err
+        self._programs[sig] = program
+        self._modules[sig] = {p: type(m).__name__ for p, m in model.named_modules()}
+        self.traces += 1
+        return program
 
     def export(self, model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
         """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically, one self-contained file,
@@ -112,22 +152,21 @@ class OnnxExporter:
         _quiet()
         model = model.eval()
         sig = self.signature(model)
-        program = self._programs.get(sig)
-        if program is None:
-            example = torch.zeros(2, 3, self.image_size, self.image_size)
-            try:
-                program = torch.onnx.export(
-                    model, (example,), dynamo=True, optimize=False, opset_version=self.opset, verbose=False,
-                    input_names=[INPUT], output_names=[OUTPUT],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                )
-            except Exception as err:
-                raise OnnxExportError(f"ONNX export of {type(model).__name__} failed: {err}") from err
-            self._programs[sig] = program
-            self.traces += 1
-        else:
+        program, removed = self._programs.get(sig), []
+        if program is None and (found := self._traced_with_identities(model)):
+            program, removed = self._programs[found[0]], found[1]
+        proto = None
+        if program is not None:
             program.apply_weights({k: v.detach() for k, v in model.state_dict().items()})
-        proto = strip_debug(fold_constants(program.model_proto))
+            proto = program.model_proto
+            if removed:
+                try:
+                    proto = without_modules(proto, removed)
+                except NotRemovable:  # not a one-in, one-out piece of the graph: trace this architecture
+                    proto = None
+        if proto is None:
+            proto = self._trace(model, sig).model_proto
+        proto = strip_debug(fold_constants(proto))
         if metadata:
             onnx.helper.set_model_props(proto, metadata)
         with atomic_path(Path(path)) as tmp:

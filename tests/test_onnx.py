@@ -74,3 +74,46 @@ def test_latency_measure_reports_every_session(tmp_path, backbones):
     assert set(res) == {"a", "b"}
     for r in res.values():
         assert r["runs"] == 10 and 0 < r["median_ms"] <= r["p90_ms"]
+
+
+def _skipping(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module:
+    """``model`` with the modules at ``paths`` (under ``features``) replaced as AdaShare's Skip does."""
+    for p in paths:
+        parent, _, name = f"features.{p}".rpartition(".")
+        setattr(model.get_submodule(parent), name, torch.nn.Identity())
+    return model
+
+
+@pytest.mark.parametrize("bb_name", ["tiny_convnet", "efficientnet_lite0"])
+def test_models_that_skip_blocks_reuse_the_full_trace_with_the_blocks_cut_out(tmp_path, backbones, bb_name):
+    from pipeline.core.blocks import skippable_blocks
+
+    bb, size = backbones[bb_name]
+    blocks = skippable_blocks(bb.features, size)
+    exporter = OnnxExporter(size)
+    full = onnx.load(str(exporter.export(_trained_like(bb, 1), tmp_path / "full.onnx"))).graph
+    x = torch.randn(9, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for k, skip in enumerate([blocks[:1], blocks[-1:], blocks]):
+        model = _skipping(_trained_like(bb, 2 + k), skip)
+        path = exporter.export(model, tmp_path / f"skip{k}.onnx")
+        check = parity(model, session(path, threads=1), x, batch_size=4)
+        assert check["max_abs_diff"] < 1e-4 and check["argmax_agree"] == 1.0, (skip, check)
+        graph = onnx.load(str(path)).graph
+        cut = sum(isinstance(m, torch.nn.Conv2d) for p in skip for m in bb.features.get_submodule(p).modules())
+        assert sum(n.op_type == "Conv" for n in graph.node) == sum(n.op_type == "Conv" for n in full.node) - cut > 0
+        names = {i.name for i in graph.initializer}
+        assert not any(n.startswith(f"features.{p}.") for p in skip for n in names)  # their weights are gone too
+    assert exporter.traces == 1
+
+
+def test_an_identity_that_is_not_a_one_in_one_out_piece_is_traced_anew(tmp_path, backbones):
+    bb, size = backbones["tiny_convnet"]
+    exporter = OnnxExporter(size)
+    exporter.export(_trained_like(bb, 1), tmp_path / "full.onnx")
+    model = _trained_like(bb, 2)
+    model.head = torch.nn.Identity()  # its nodes give the graph's output: nothing to read it from
+    path = exporter.export(model, tmp_path / "features.onnx")
+    assert exporter.traces == 2
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    check = parity(model, session(path, threads=1), x)
+    assert check["max_abs_diff"] < 1e-4
