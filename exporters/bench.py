@@ -14,6 +14,10 @@ not beside the sessions of every other target:
 * live: read the task's tensors from its file into the resident session's buffers;
 * bound: bind the task's tensors, which the resident session holds for every task.
 
+Alone in its process, a form that serves every task from one session (switch, live, bound)
+lets that session's thread pool spin between runs, as onnxruntime does by default and as a
+server running it would; forms with a session per task keep their pools asleep.
+
 Resident memory (then the switch) is measured in a fresh process per form: RSS after loading the K tasks and
 running each once, minus RSS before. The processes are forked from one server that has
 imported onnxruntime already (multiprocessing's forkserver with preloaded modules), so a probe
@@ -121,7 +125,7 @@ def _resident(exports: str, form: str, spec: dict, image_size: int, threads: int
     _warm_onnxruntime(threads)  # the library's own footprint (its first session sets up globals) is not the form's
     release_freed_heap()
     total0, code0 = _memory_mb()
-    loader = Loader(Path(exports), threads)
+    loader = Loader(Path(exports), threads, spinning=FORMS[form].one_session)
     x = np.zeros((1, 3, image_size, image_size), np.float32)
     keep = FORMS[form]().targets(loader, spec)
     for fn in keep.values():
@@ -137,9 +141,14 @@ def _probe(exports: str, form: str, spec: dict, image_size: int, threads: int, r
            providers: list[str] | None = None) -> tuple[float, float, float, float]:
     """``_resident``, then ``switch_ms``, in this process: a form as a server runs it, alone. In
     the bench's own process the sessions of every other target (some 250 on the quickstart) are
-    loaded too, and a bound or live switch, one answer, read 1.5-2x what it reads alone."""
+    loaded too, and a bound or live switch, one answer, read 1.5-2x what it reads alone. Alone,
+    a form that runs one session for every task lets its thread pool spin between runs
+    (onnxruntime's default; ``Form.one_session``): a bound switch read 0.6-0.9x what it reads
+    with the pool asleep. A session per task keeps its pool asleep (bringing a merged session up
+    took the same time either way, within 2%). The latency table times every target asleep."""
     memory = _resident(exports, form, spec, image_size, threads)
-    return (*memory, switch_ms(Loader(Path(exports), threads, providers), form, spec, image_size, repeats))
+    loader = Loader(Path(exports), threads, providers, spinning=FORMS[form].one_session)
+    return (*memory, switch_ms(loader, form, spec, image_size, repeats))
 
 
 def memory_probes() -> ProcessPoolExecutor | None:

@@ -21,14 +21,16 @@ from exporters.live_files import LiveFiles, graph_tensors
 from exporters.runtime import onnxruntime
 
 
-def session_options(threads: int):
+def session_options(threads: int, spinning: bool = False):
     """The graph is optimised already, and kernels must read the tensors taskfold hands them
-    (a prepacked copy would not follow a switch)."""
+    (a prepacked copy would not follow a switch). ``spinning``: the thread pool spin-waits
+    between runs, as onnxruntime does by default; right for this one session alone in a
+    process, wrong beside other sessions (``exporters.runtime.session``)."""
     ort = onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
@@ -42,13 +44,13 @@ class LiveSession:
     the OS caches them): 4 finetune tasks would hold 54 MB."""
 
     def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, spinning: bool = False):
         self.files = LiveFiles(graph, task_files, built_on, providers)
         self.buffers = self.files.empty()
         self.active: str | None = None
         self.use(self.files.first)
         ort = onnxruntime()
-        opts = session_options(threads)
+        opts = session_options(threads, spinning)
         self._values = {k: ort.OrtValue.ortvalue_from_numpy(b) for k, b in self.buffers.items()}
         for k, v in self._values.items():
             opts.add_initializer(k, v)  # onnxruntime reads these buffers in place
@@ -77,7 +79,7 @@ class BoundSession:
     every task's tensors (4 finetune tasks: 54 MB), which ``LiveSession`` does not."""
 
     def __init__(self, graph: Path, task_files: dict[str, Path], built_on: dict, threads: int,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, spinning: bool = False):
         ort = onnxruntime()
         files = LiveFiles(graph, task_files, built_on, providers)
         proto = onnx.load(str(graph), load_external_data=False)  # small: its tensors are in data files
@@ -88,7 +90,7 @@ class BoundSession:
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
         proto.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in moved)
-        opts = session_options(threads)
+        opts = session_options(threads, spinning)
         fixed = graph_tensors(graph, files.data, [i for i in kept if i.data_location == onnx.TensorProto.EXTERNAL])
         if fixed:  # onnxruntime copies them; a model made from bytes cannot read files itself
             opts.add_external_initializers(list(fixed), [ort.OrtValue.ortvalue_from_numpy(a) for a in fixed.values()])

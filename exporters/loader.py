@@ -15,9 +15,11 @@ CPU = ["CPUExecutionProvider"]
 
 
 class Loader:
-    def __init__(self, exports: Path, threads: int, providers: list[str] | None = None, shared_dir: Path | None = None):
+    def __init__(self, exports: Path, threads: int, providers: list[str] | None = None, shared_dir: Path | None = None,
+                 spinning: bool = False):
         self.exports = Path(exports)
         self.threads = threads
+        self.spinning = spinning  # onnxruntime's thread pools spin between runs (``exporters.runtime.session``)
         self.providers = providers or CPU
         self.shared_dir = Path(shared_dir) if shared_dir is not None else self.exports / SHARED
         self.weights = SharedWeights(self.shared_dir) if self.shared_dir.is_dir() else None
@@ -31,4 +33,4 @@ class Loader:
         """A session of ``rel``; ``shared``: its base weights are the ones every session shares."""
         path = self.path(rel)
         init = self.weights.initializers(path) if shared and self.weights is not None else None
-        return session(path, self.threads, self.providers, initializers=init)
+        return session(path, self.threads, self.providers, self.spinning, initializers=init)

@@ -338,3 +338,34 @@ def test_a_config_asking_for_bound_gets_live_too(tmp_path):
     forms = cfg["export"]["forms"]
     assert parse_config(cfg).export.forms == ["bound", "live"]
     assert forms == ["bound"]  # the caller's config is not changed
+
+
+def test_one_session_forms_spin_alone_and_never_beside_other_sessions(live_run, monkeypatch):
+    """A form that serves every task from one session lets its thread pool spin between runs when
+    it is alone in a process (the bench's probe, a server); a session per task never does."""
+    from exporters import bench
+    from exporters.forms import FORMS
+
+    assert {n for n, f in FORMS.items() if f.one_session} == {"switch", "live", "bound", "branch_switch"}
+    exports, forms = live_run
+    key = "session.intra_op.allow_spinning"
+
+    def spins(sess) -> str:
+        return (sess.session if hasattr(sess, "session") else sess).get_session_options().get_session_config_entry(key)
+
+    for name in ("live", "bound"):
+        spec = forms["methods"]["finetune"][name]
+        assert spins(FORMS[name]().resident(Loader(exports, 1), spec)) == "0"  # the bench's shared process
+        assert spins(FORMS[name]().resident(Loader(exports, 1, spinning=True), spec)) == "1"
+    assert spins(Loader(exports, 1).open("finetune/digits.onnx")) == "0"
+    seen = {}
+
+    def switch_ms(loader, form, *args):
+        seen[form] = loader.spinning
+        return 1.0
+
+    monkeypatch.setattr(bench, "_resident", lambda *args: (1.0, 1.0, 0.0))
+    monkeypatch.setattr(bench, "switch_ms", switch_ms)
+    for name in ("merged", "live", "bound"):
+        bench._probe(str(exports), name, forms["methods"]["finetune"][name], 16, 1, 1)
+    assert seen == {"merged": False, "live": True, "bound": True}

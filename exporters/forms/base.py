@@ -120,6 +120,10 @@ class Form:
     reference: ClassVar[str] = "merged"
     # True: the check also reports accuracy against the reference's (lossy edge variants)
     lossy: ClassVar[bool] = False
+    # True: one session serves every task, so, alone in a process, its thread pool may spin
+    # between requests (onnxruntime's default). A session per task must not: idle pools that
+    # spin take the cores from the one that runs (see ``exporters.bench._probe``)
+    one_session: ClassVar[bool] = False
     # True: built for the CPU it was exported on (the bench leaves it out on a GPU provider)
     cpu_only: ClassVar[bool] = False
 

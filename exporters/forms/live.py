@@ -170,6 +170,7 @@ class Live(Form):
     Options = LiveOptions
     cpu_only = True
     session = LiveSession  # how the files run (``exporters.forms.bound`` runs them another way)
+    one_session = True
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         tasks = list(bundle.tasks)
@@ -211,7 +212,7 @@ class Live(Form):
 
     def resident(self, loader: Loader, spec: dict):
         return self.session(loader.path(spec["graph"]), {t: loader.path(f) for t, f in spec["tasks"].items()},
-                            spec.get("built_on", {}), loader.threads, loader.providers)
+                            spec.get("built_on", {}), loader.threads, loader.providers, loader.spinning)
 
     def targets(self, loader: Loader, spec: dict) -> dict[str, Callable]:
         live = self.resident(loader, spec)

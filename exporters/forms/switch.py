@@ -28,6 +28,7 @@ def switch_spec(ctx: BuildContext, name: str, graphs: dict[str, onnx.ModelProto]
 class Switch(Form):
     name = "switch"
     note = "one session; the task is an onnxruntime adapter file"
+    one_session = True
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         return switch_spec(ctx, label, ctx.merged_graphs(label, bundle.tasks), ctx.bundle_base(bundle))
