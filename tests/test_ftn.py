@@ -70,13 +70,31 @@ def test_effnet_rank1_costs_under_one_percent_of_the_base(backbones):
 def test_initial_delta_is_small_and_scaled_by_alpha_over_rank(backbones):
     bb, _ = backbones["tiny_convnet"]
     torch.manual_seed(0)
-    m1 = build_method("ftn", FtnConfig(rank=4, alpha=1.0))
+    m1 = build_method("ftn", FtnConfig(rank=4, alpha=1.0, init="paper"))
     model = bb.task_net(10)
     m1.prepare(model)
     _, layer, a = adapters(model)[0]
     w = layer.parametrizations.weight.original
     unscaled = LowRank([CPPart(list(a.factors))]).dense(w)
+    assert unscaled.abs().max() > 0
     assert torch.allclose(layer.weight - w, unscaled / 4, atol=1e-7)
+
+
+def test_the_default_init_starts_at_the_pretrained_model_and_leaves_it_at_the_first_step(backbones, digits16):
+    """A zero last factor per part (as LoRA's zero B): the adapted model is the base exactly, and
+    the gradient reaches that factor, so the first step moves the weights."""
+    bb, _ = backbones["tiny_convnet"]
+    model, base = bb.task_net(10, seed=0), bb.task_net(10, seed=0)
+    build_method("ftn", FtnConfig(rank=2)).prepare(model)
+    x = digits16.test.inputs(8)
+    model.eval(), base.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    layers = adapters(model)
+    assert layers and all(not a.factors[-1].any() and a.factors[0].any() for _, _, a in layers)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), digits16.test.labels[:8]).backward()
+    assert all(a.factors[-1].grad is not None and a.factors[-1].grad.abs().max() > 0 for _, _, a in layers)
 
 
 @pytest.mark.parametrize("variant", ["qv", "o"])
