@@ -4,7 +4,6 @@ code, that the message names the culprit (field, file, tensor or unit), that not
 the run directory changed, and that no partial artefact is left."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -12,6 +11,8 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -444,6 +445,10 @@ def test_a_run_directory_on_another_filesystem_than_tmp(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     cache_dir()
+    # importing onnxruntime writes a file of its own there in every process (``.ses``), the
+    # export's worker processes included: what a bare process leaves is the library's, not ours
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env={**os.environ, "TMPDIR": str(other)}, check=True)
+    libraries = set(other.iterdir())
     monkeypatch.setenv("TMPDIR", str(other))
     import tempfile
 
@@ -452,7 +457,7 @@ def test_a_run_directory_on_another_filesystem_than_tmp(tmp_path, monkeypatch):
         argv = _config(tmp_path, methods=["norm_head"], export={"forms": ["int8"], "calibration_images": 8})
         assert main(argv) == 0
         assert list((tmp_path / "run" / "exports" / "norm_head").glob("*.int8.onnx"))
-        assert not list(other.iterdir())  # and nothing was left in the system's temp folder
+        assert set(other.iterdir()) <= libraries  # and nothing of ours was left in the system's temp folder
     finally:
         shutil.rmtree(other, ignore_errors=True)
 
