@@ -42,14 +42,15 @@ def _constant_values(g: onnx.GraphProto) -> set[str]:
 def without_modules(model: onnx.ModelProto, paths: list[str]) -> onnx.ModelProto:
     """``model`` (changed in place and returned) with the modules at ``paths`` as identities."""
     g = model.graph
+    fixed = _constant_values(g)  # the exporter shares constants between modules: those are not inputs
+    scopes = {tuple(n.output): _scopes(n) for n in g.node}  # read once: outputs name a node for good
     for path in paths:
-        inside = [n for n in g.node if path in _scopes(n)]
+        inside = [n for n in g.node if path in scopes[tuple(n.output)]]
         if not inside:
             raise NotRemovable(f"no node of the graph was made in module {path!r}")
         made = {o for n in inside for o in n.output}
-        fixed = _constant_values(g)  # the exporter shares constants between modules: those are not inputs
         read = {i for n in inside for i in n.input if i and i not in made and i not in fixed}
-        outside = [n for n in g.node if path not in _scopes(n)]
+        outside = [n for n in g.node if path not in scopes[tuple(n.output)]]
         graph_outputs = {o.name for o in g.output}
         used = made & ({i for n in outside for i in n.input} | graph_outputs)
         if len(read) != 1 or len(used) != 1:
@@ -62,9 +63,8 @@ def without_modules(model: onnx.ModelProto, paths: list[str]) -> onnx.ModelProto
             for k, name in enumerate(n.input):
                 if name == y:
                     n.input[k] = x
-        keep = [n for n in g.node if path not in _scopes(n)]
         del g.node[:]
-        g.node.extend(keep)
+        g.node.extend(outside)
         stale = [v for v in g.value_info if v.name in made]
         for v in stale:
             g.value_info.remove(v)

@@ -112,23 +112,27 @@ class OnnxExporter:
     def signature(model: torch.nn.Module) -> tuple:
         return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
 
-    def _traced_with_identities(self, model: torch.nn.Module) -> tuple[tuple, list[str]] | None:
-        """A traced architecture that ``model`` is, but for modules it replaced by identities:
-        (its signature, those module paths), or None."""
-        modules = {p: type(m).__name__ for p, m in model.named_modules()}
+    @staticmethod
+    def module_types(model: torch.nn.Module) -> dict[str, str]:
+        return {p: type(m).__name__ for p, m in model.named_modules()}
+
+    def _traced_with_identities(self, model: torch.nn.Module, sig: tuple) -> tuple[tuple, list[str]] | None:
+        """A traced architecture that ``model`` (signature ``sig``) is, but for modules it replaced
+        by identities: (the traced signature, those module paths), or None."""
+        modules = self.module_types(model)
         identities = [p for p, name in modules.items() if p and name == "Identity"]
         if not identities:
             return None
-        entries = {k: rest for k, *rest in self.signature(model)}
-        for sig, traced in self._modules.items():
+        entries = {k: rest for k, *rest in sig}
+        for traced_sig, traced in self._modules.items():
             removed = [p for p in identities if traced.get(p, "Identity") != "Identity"]
             if not removed:
                 continue
             def kept(path: str) -> bool:
                 return not any(path == r or path.startswith(f"{r}.") for r in removed)
-            if ({k: rest for k, *rest in sig if kept(k)} == entries
+            if ({k: rest for k, *rest in traced_sig if kept(k)} == entries
                     and {p: n for p, n in traced.items() if kept(p)} == {p: n for p, n in modules.items() if kept(p)}):
-                return sig, removed
+                return traced_sig, removed
         return None
 
     def _trace(self, model: torch.nn.Module, sig: tuple):
@@ -142,7 +146,7 @@ class OnnxExporter:
         except Exception as err:
             raise OnnxExportError(f"ONNX export of {type(model).__name__} failed: {err}") from err
         self._programs[sig] = program
-        self._modules[sig] = {p: type(m).__name__ for p, m in model.named_modules()}
+        self._modules[sig] = self.module_types(model)
         self.traces += 1
         return program
 
@@ -153,7 +157,7 @@ class OnnxExporter:
         model = model.eval()
         sig = self.signature(model)
         program, removed = self._programs.get(sig), []
-        if program is None and (found := self._traced_with_identities(model)):
+        if program is None and (found := self._traced_with_identities(model, sig)):
             program, removed = self._programs[found[0]], found[1]
         proto = None
         if program is not None:
