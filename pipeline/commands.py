@@ -213,7 +213,8 @@ def plan(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {text!r}: must be above 0")
         return value
 
-    record = choose_plan(Path(args.run_dir), ratio("--budget", args.budget), ratio("--latency", args.latency), args.name)
+    record = choose_plan(Path(args.run_dir), ratio("--budget", args.budget), ratio("--latency", args.latency), args.name,
+                         estimate=args.estimate)
     print(f"wrote {Path(args.run_dir) / record['bundle']} and its plan.json; `taskfold run` (report stage) adds it "
           "to report.md")
     return 0

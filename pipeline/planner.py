@@ -1,11 +1,14 @@
 """``taskfold plan RUN_DIR --budget 1.2x``: the best set of task parts a storage budget buys.
 
 Given every entry a run trained (a sweep of lam, ranks, methods), pick for each task the entry
-with the best validation accuracy such that the whole set fits the budget (N x base, as the
+with the best estimated accuracy such that the whole set fits the budget (N x base, as the
 ledger counts it: the base once while any chosen task still uses it, plus every chosen task's
 stored values), optionally with every chosen merged model within a latency ratio to the base.
-Tasks from different methods share the base (the delta vocabulary allows it), so the choice is
-written as a bundle of its own that loads, merges and exports like any other.
+The estimate is the validation accuracy shrunk toward the entry's strength on the other tasks
+(``pipeline.shrinkage``: a lead on a small validation split is mostly luck), or as measured with
+``--estimate raw``. Tasks from different methods share the base (the delta vocabulary allows
+it), so the choice is written as a bundle of its own that loads, merges and exports like any
+other.
 
 The search is exact: every combination is scored (a multiple-choice knapsack whose base term
 couples the tasks), up to ``MAX_COMBINATIONS``; beyond that, entries dominated on one task (no
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.core.bundle import Bundle, backbone_id, load_bundle, write_bundle
@@ -25,8 +28,10 @@ from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import read_json, write_json
 from pipeline.core.text import fmt
 from pipeline.methods import REGISTRY
+from pipeline.shrinkage import shrink
 
 MAX_COMBINATIONS = 2_000_000
+ESTIMATES = ("shrunk", "raw")
 
 
 class PlanError(TaskfoldError, ValueError):
@@ -45,6 +50,11 @@ class Item:
     covers: frozenset[str]  # base tensors it makes unnecessary
     latency: float | None = None  # merged / base, batch 1, where benched
     references: frozenset[str] = frozenset()  # tasks whose rows it borrows (same entry)
+    estimate: float | None = None  # the accuracy a choice trusts; None: val_acc
+
+    @property
+    def score(self) -> float:
+        return self.val_acc if self.estimate is None else self.estimate
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Choice:
     n_x_base: float
     mean_val: float
     mean_test: float
+    mean_estimate: float = 0.0
     front: list[dict] = field(default_factory=list)
 
 
@@ -72,8 +83,8 @@ def _prune(options: list[Item]) -> list[Item]:
     covers no less of the base): it can never be the better pick."""
     keep = []
     for a in options:
-        dominated = any(b is not a and b.val_acc >= a.val_acc and b.params <= a.params and b.covers >= a.covers
-                        and not b.references and (b.val_acc, -b.params) != (a.val_acc, -a.params) for b in options)
+        dominated = any(b is not a and b.score >= a.score and b.params <= a.params and b.covers >= a.covers
+                        and not b.references and (b.score, -b.params) != (a.score, -a.params) for b in options)
         if not dominated or a.references:
             keep.append(a)
     return keep
@@ -81,7 +92,7 @@ def _prune(options: list[Item]) -> list[Item]:
 
 def choose(items: list[Item], tasks: list[str], base_sizes: dict[str, int], base_params: int, budget: float,
            latency: float | None = None) -> Choice:
-    """The combination (one item per task) of best mean validation accuracy within the budget
+    """The combination (one item per task) of best mean estimated accuracy within the budget
     (ties: the smaller)."""
     options = {t: [i for i in items if i.task == t and (latency is None or (i.latency is not None and
                                                                             i.latency <= latency))] for t in tasks}
@@ -98,7 +109,7 @@ def choose(items: list[Item], tasks: list[str], base_sizes: dict[str, int], base
         cost = n_x_base(combo, base_sizes, base_params)
         if cost > budget + 1e-12:
             continue
-        key = (sum(i.val_acc for i in combo), -cost)
+        key = (sum(i.score for i in combo), -cost)
         if best_key is None or key > best_key:
             best, best_key = combo, key
     if best is None:
@@ -106,7 +117,8 @@ def choose(items: list[Item], tasks: list[str], base_sizes: dict[str, int], base
         raise PlanError(f"no combination of the run's entries fits --budget {budget}x (the smallest is about "
                         f"{smallest:.3f}x)")
     return Choice({i.task: i for i in best}, n_x_base(best, base_sizes, base_params),
-                  sum(i.val_acc for i in best) / len(best), sum(i.test_acc for i in best) / len(best))
+                  sum(i.val_acc for i in best) / len(best), sum(i.test_acc for i in best) / len(best),
+                  sum(i.score for i in best) / len(best))
 
 
 def items_of(run, cfg) -> tuple[list[Item], dict[str, int], int, dict[str, Bundle]]:
@@ -138,8 +150,20 @@ def items_of(run, cfg) -> tuple[list[Item], dict[str, int], int, dict[str, Bundl
     return items, sizes, sum(sizes.values()), bundles
 
 
+def estimated(items: list[Item], run, kind: str) -> tuple[list[Item], str]:
+    """The items with the accuracy the choice trusts (``kind``: shrunk or raw), and a line that
+    says how it was made."""
+    if kind not in ESTIMATES:
+        raise PlanError(f"--estimate {kind!r}: expected one of {', '.join(ESTIMATES)}")
+    if kind == "raw":
+        return items, "validation accuracy as measured"
+    n_val = {t: int(r.get("val") or 0) for t, r in ((run.record("prepare") or {}).get("tasks") or {}).items()}
+    s = shrink({(i.label, i.task): i.val_acc for i in items}, n_val)
+    return [replace(i, estimate=s.estimates[i.label, i.task]) for i in items], s.note
+
+
 def plan(run_dir: Path, budget: float, latency: float | None = None, name: str | None = None,
-         log=print) -> dict:
+         log=print, estimate: str = "shrunk") -> dict:
     """Choose, write ``plans/<name>/bundle`` and ``plan.json``, return the plan record."""
     from pipeline.config import parse_config
     from pipeline.data.config import safe_name
@@ -149,8 +173,10 @@ def plan(run_dir: Path, budget: float, latency: float | None = None, name: str |
     if not run.config_file.is_file():
         raise PlanError(f"{run.config_file}: not found; plan over a finished run directory")
     cfg = parse_config(read_json(run.config_file), str(run.config_file), check_paths=False)
-    name = safe_name(name or f"budget-{budget:g}x" + (f"-latency-{latency:g}x" if latency else ""), "plan name")
+    name = safe_name(name or f"budget-{budget:g}x" + (f"-latency-{latency:g}x" if latency else "")
+                     + ("-raw" if estimate == "raw" else ""), "plan name")
     items, sizes, base_params, bundles = items_of(run, cfg)
+    items, how = estimated(items, run, estimate)
     tasks = [t.name for t in cfg.tasks]
     best = choose(items, tasks, sizes, base_params, budget, latency)
     fold = run.record("fold") or {}
@@ -172,13 +198,15 @@ def plan(run_dir: Path, budget: float, latency: float | None = None, name: str |
                             {t: first.manifest["tasks"][t]["num_classes"] for t in tasks},
                             {t: {"crop_pct": first.manifest["tasks"][t].get("crop_pct")} for t in tasks})
     record = {"name": name, "budget": budget, "latency": latency, "n_x_base": manifest["ledger"]["total"]["n_x_base"],
+              "estimate": {"kind": estimate, "how": how}, "mean_estimated_acc": best.mean_estimate,
               "mean_val_acc": best.mean_val, "mean_test_acc": best.mean_test,
-              "chosen": {t: {"label": i.label, "method": methods[t], "val_acc": i.val_acc, "test_acc": i.test_acc,
-                             "params": i.params, "latency": i.latency} for t, i in best.items.items()},
+              "chosen": {t: {"label": i.label, "method": methods[t], "val_acc": i.val_acc, "estimated_acc": i.score,
+                             "test_acc": i.test_acc, "params": i.params, "latency": i.latency}
+                         for t, i in best.items.items()},
               "entries": points, "bundle": run.rel(out / "bundle")}
     write_json(out / "plan.json", record)
-    log(f"plan {name}: {record['n_x_base']:.3f} x base (budget {budget:g}x), mean val acc {best.mean_val:.4f}, "
-        f"test {best.mean_test:.4f}: " + ", ".join(f"{t} <- {i.label}" for t, i in best.items.items()))
+    log(f"plan {name}: {record['n_x_base']:.3f} x base (budget {budget:g}x), mean val acc {best.mean_val:.4f} "
+        f"(estimated {best.mean_estimate:.4f}; {how}), test {best.mean_test:.4f}: " + ", ".join(f"{t} <- {i.label}" for t, i in best.items.items()))
     return record
 
 
@@ -188,12 +216,16 @@ def plans_section(run, plots: Path) -> tuple[list[str], dict[str, str]]:
     if not records:
         return [], {}
     lines = ["", "## Budget plans", "",
-             "Per task the entry with the best validation accuracy such that the set fits the budget (`taskfold "
-             "plan`); the chosen set is a bundle of its own.", "",
-             "| plan | N x base | mean val acc | mean test acc | " + " | ".join(records[0]["chosen"]) + " |",
-             "|---|---|---|---|" + "---|" * len(records[0]["chosen"])]
+             "Per task the entry with the best estimated accuracy such that the set fits the budget (`taskfold "
+             "plan`); the chosen set is a bundle of its own. The estimate is the validation accuracy shrunk toward "
+             "the entry's strength on the other tasks (`--estimate shrunk`), or as measured (`raw`).", "",
+             "| plan | estimate | N x base | mean val acc | mean estimated | mean test acc | "
+             + " | ".join(records[0]["chosen"]) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(records[0]["chosen"])]
     for r in records:
-        lines.append(f"| {r['name']} | {r['n_x_base']:.3f} | {r['mean_val_acc']:.4f} | {r['mean_test_acc']:.4f} | "
+        kind = (r.get("estimate") or {}).get("kind", "raw")
+        lines.append(f"| {r['name']} | {kind} | {r['n_x_base']:.3f} | {r['mean_val_acc']:.4f} | "
+                     f"{fmt(r.get('mean_estimated_acc', r['mean_val_acc']), '.4f')} | {r['mean_test_acc']:.4f} | "
                      + " | ".join(f"{c['label']} ({c['test_acc']:.3f})" for c in r["chosen"].values()) + " |")
     name = "plans_pareto.png"
     plot_front(records, plots / name)
