@@ -33,25 +33,34 @@ def int8_variant(src, dst, calibration, recipe: Int8Recipe) -> None:
     keep_metadata(src, dst)
 
 
-class Fp16(Form):
-    name = "fp16"
-    note = "merged, float16 weights and compute"
+class MergedVariant(Form):
+    """A file per task, ``<label>/<task>.<name>.onnx``, made from the task's merged model by the
+    module-level function ``make(src, dst, *extra)`` in the build's worker processes."""
     lossy = True
+    make: staticmethod
+
+    def extra(self, ctx: BuildContext, tasks: list[str]) -> list[list]:
+        """Further argument lists for ``make``, one value per task."""
+        return []
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
-        files = {t: f"{label}/{t}.fp16.onnx" for t in bundle.tasks}
-        ctx.map(fp16_variant, [ctx.exports / label / f"{t}.onnx" for t in files], [ctx.exports / f for f in files.values()])
+        files = {t: f"{label}/{t}.{self.name}.onnx" for t in bundle.tasks}
+        ctx.map(self.make, [ctx.exports / label / f"{t}.onnx" for t in files],
+                [ctx.exports / f for f in files.values()], *self.extra(ctx, list(files)))
         return sessions_spec(files, shared=False)
 
 
-class Int8(Form):
+class Fp16(MergedVariant):
+    name = "fp16"
+    note = "merged, float16 weights and compute"
+    make = staticmethod(fp16_variant)
+
+
+class Int8(MergedVariant):
     name = "int8"
     note = "merged, static INT8 (QDQ), calibrated on task images"
     Options: type[BaseModel] = Int8Recipe
-    lossy = True
+    make = staticmethod(int8_variant)
 
-    def build(self, ctx: BuildContext, label: str, bundle) -> dict:
-        files = {t: f"{label}/{t}.int8.onnx" for t in bundle.tasks}
-        ctx.map(int8_variant, [ctx.exports / label / f"{t}.onnx" for t in files], [ctx.exports / f for f in files.values()],
-                [ctx.images[t].calibration for t in files], [self.options] * len(files))
-        return sessions_spec(files, shared=False)
+    def extra(self, ctx: BuildContext, tasks: list[str]) -> list[list]:
+        return [[ctx.images[t].calibration for t in tasks], [self.options] * len(tasks)]
