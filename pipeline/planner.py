@@ -121,6 +121,20 @@ def choose(items: list[Item], tasks: list[str], base_sizes: dict[str, int], base
                   sum(i.score for i in best) / len(best))
 
 
+def best_single(items: list[Item], tasks: list[str], base_sizes: dict[str, int], base_params: int, budget: float,
+                latency: float | None = None) -> Choice | None:
+    """The one entry, used for every task, that a plan mixing entries has to beat: the best
+    mean estimate of those within the budget (None: none fits)."""
+    singles = []
+    for label in dict.fromkeys(i.label for i in items):
+        try:
+            singles.append(choose([i for i in items if i.label == label], tasks, base_sizes, base_params, budget,
+                                  latency))
+        except PlanError:
+            continue
+    return max(singles, key=lambda c: (c.mean_estimate, -c.n_x_base), default=None)
+
+
 def items_of(run, cfg) -> tuple[list[Item], dict[str, int], int, dict[str, Bundle]]:
     """Every (entry, task) of a run whose bundle is built on the pretrained base, with the base's
     tensor sizes; joint entries and entries from a joint base have bases of their own."""
@@ -179,6 +193,7 @@ def plan(run_dir: Path, budget: float, latency: float | None = None, name: str |
     items, how = estimated(items, run, estimate)
     tasks = [t.name for t in cfg.tasks]
     best = choose(items, tasks, sizes, base_params, budget, latency)
+    single = best_single(items, tasks, sizes, base_params, budget, latency)
     fold = run.record("fold") or {}
     points = [{"label": lb, "n_x_base": fold.get("ledgers", {}).get(lb, {}).get("total", {}).get("n_x_base"),
                "mean_test_acc": sum(i.test_acc for i in items if i.label == lb) / len(tasks)} for lb in bundles]
@@ -203,6 +218,8 @@ def plan(run_dir: Path, budget: float, latency: float | None = None, name: str |
               "chosen": {t: {"label": i.label, "method": methods[t], "val_acc": i.val_acc, "estimated_acc": i.score,
                              "test_acc": i.test_acc, "params": i.params, "latency": i.latency}
                          for t, i in best.items.items()},
+              "single": single and {"label": next(iter(single.items.values())).label, "n_x_base": single.n_x_base,
+                                    "mean_val_acc": single.mean_val, "mean_test_acc": single.mean_test},
               "entries": points, "bundle": run.rel(out / "bundle")}
     write_json(out / "plan.json", record)
     log(f"plan {name}: {record['n_x_base']:.3f} x base (budget {budget:g}x), mean val acc {best.mean_val:.4f} "
@@ -218,14 +235,17 @@ def plans_section(run, plots: Path) -> tuple[list[str], dict[str, str]]:
     lines = ["", "## Budget plans", "",
              "Per task the entry with the best estimated accuracy such that the set fits the budget (`taskfold "
              "plan`); the chosen set is a bundle of its own. The estimate is the validation accuracy shrunk toward "
-             "the entry's strength on the other tasks (`--estimate shrunk`), or as measured (`raw`).", "",
-             "| plan | estimate | N x base | mean val acc | mean estimated | mean test acc | "
-             + " | ".join(records[0]["chosen"]) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(records[0]["chosen"])]
+             "the entry's strength on the other tasks (`--estimate shrunk`), or as measured (`raw`). The best single "
+             "entry is the one entry, for every task, that a mixed plan has to beat within the same budget.", "",
+             "| plan | estimate | N x base | mean val acc | mean estimated | mean test acc | best single entry: N x "
+             "base, test acc | " + " | ".join(records[0]["chosen"]) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(records[0]["chosen"])]
     for r in records:
         kind = (r.get("estimate") or {}).get("kind", "raw")
         lines.append(f"| {r['name']} | {kind} | {r['n_x_base']:.3f} | {r['mean_val_acc']:.4f} | "
                      f"{fmt(r.get('mean_estimated_acc', r['mean_val_acc']), '.4f')} | {r['mean_test_acc']:.4f} | "
+                     + (f"{s['label']}: {s['n_x_base']:.3f}, {s['mean_test_acc']:.4f} | " if (s := r.get("single"))
+                        else "none fits | ")
                      + " | ".join(f"{c['label']} ({c['test_acc']:.3f})" for c in r["chosen"].values()) + " |")
     name = "plans_pareto.png"
     plot_front(records, plots / name)

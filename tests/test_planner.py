@@ -9,7 +9,7 @@ import exporters
 from pipeline.cli import main
 from pipeline.core.bundle import load_bundle
 from pipeline.core.fold import compare
-from pipeline.planner import Item, PlanError, choose, n_x_base, pareto
+from pipeline.planner import Item, PlanError, best_single, choose, n_x_base, pareto
 from pipeline.shrinkage import shrink
 from tests.conftest import tiny_config
 
@@ -44,6 +44,13 @@ def test_the_choice_is_the_best_the_budget_buys(budget, want, cost):
     for combo in itertools.product([i for i in ITEMS if i.task == "a"], [i for i in ITEMS if i.task == "b"]):
         if n_x_base(combo, SIZES, 100) <= budget:
             assert sum(i.val_acc for i in combo) / 2 <= c.mean_val + 1e-12
+
+
+def test_the_best_single_entry_is_the_most_accurate_one_that_fits_alone():
+    assert best_single(ITEMS, ["a", "b"], SIZES, 100, 1.25).items["a"].label == "probe"  # a mix buys lowrank for b
+    assert best_single(ITEMS, ["a", "b"], SIZES, 100, 1.55).items["b"].label == "lowrank"
+    assert best_single(ITEMS, ["a", "b"], SIZES, 100, 2.0).mean_val == pytest.approx(0.875)  # full
+    assert best_single(ITEMS, ["a", "b"], SIZES, 100, 0.5) is None
 
 
 def test_borrowers_come_with_what_they_borrow_and_a_budget_too_small_is_named():
@@ -132,6 +139,11 @@ def test_plan_writes_a_bundle_that_loads_merges_and_exports(tmp_path, capsys):
     exporters.export(bundle, tmp_path / "deploy", forms=["shared"], log=lambda s: None)
     assert (tmp_path / "deploy" / "forms.json").is_file()
     assert plan["estimate"]["kind"] == "shrunk" and all("estimated_acc" in c for c in plan["chosen"].values())
+    single = plan["single"]
+    assert single["n_x_base"] <= 1.3 and plan["mean_val_acc"] >= single["mean_val_acc"] - 0.05
+    assert single["mean_test_acc"] == pytest.approx(sum(json.loads((run / "train" / single["label"] / t / "result.json")
+                                                                   .read_text())["test_acc"] for t in bundle.tasks)
+                                                    / len(bundle.tasks))
     assert main(["plan", str(run), "--budget", "1.3x", "--estimate", "raw"]) == 0
     raw = json.loads((run / "plans" / "budget-1.3x-raw" / "plan.json").read_text())
     assert raw["estimate"]["kind"] == "raw" and all(c["estimated_acc"] == c["val_acc"] for c in raw["chosen"].values())
