@@ -55,7 +55,7 @@ def main() -> None:
                       + ", ".join(f"{t}<-{i.label}" for t, i in c.items.items()), flush=True)
     kinds = (*ESTIMATES, "single")
     print("\nMean test accuracy of the plans (per run); single: the best one entry for every task within the budget")
-    print("\n| budget | " + " | ".join(kinds) + " |\n|---|---|---|---|")
+    print("\n| budget | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
     for budget in args.budgets:
         cells = []
         for kind in kinds:

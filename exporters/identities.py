@@ -44,6 +44,7 @@ def without_modules(model: onnx.ModelProto, paths: list[str]) -> onnx.ModelProto
     g = model.graph
     fixed = _constant_values(g)  # the exporter shares constants between modules: those are not inputs
     scopes = {tuple(n.output): _scopes(n) for n in g.node}  # read once: outputs name a node for good
+    graph_outputs = {o.name for o in g.output}
     for path in paths:
         inside = [n for n in g.node if path in scopes[tuple(n.output)]]
         if not inside:
@@ -51,7 +52,6 @@ def without_modules(model: onnx.ModelProto, paths: list[str]) -> onnx.ModelProto
         made = {o for n in inside for o in n.output}
         read = {i for n in inside for i in n.input if i and i not in made and i not in fixed}
         outside = [n for n in g.node if path not in scopes[tuple(n.output)]]
-        graph_outputs = {o.name for o in g.output}
         used = made & ({i for n in outside for i in n.input} | graph_outputs)
         if len(read) != 1 or len(used) != 1:
             raise NotRemovable(f"module {path!r} reads {sorted(read)} and gives {sorted(used)}: not one value "

@@ -8,6 +8,7 @@ import sys
 
 from pipeline import commands
 from pipeline.core.errors import TaskfoldError
+from pipeline.shrinkage import ESTIMATES
 from pipeline.stages.runner import STAGES
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--budget", required=True, help="N x base for all tasks, e.g. 1.2x")
     pl.add_argument("--latency", help="each task's merged latency / base at most this, e.g. 1.0x (needs the bench)")
     pl.add_argument("--name", help="the plan's folder under plans/ (default: from the budget)")
-    pl.add_argument("--estimate", choices=["shrunk", "raw"], default="shrunk",
+    pl.add_argument("--estimate", choices=ESTIMATES, default="shrunk",
                     help="the accuracy per task the choice trusts: shrunk (default) pulls each validation accuracy "
                          "toward the entry's strength on the other tasks, as far as the split's noise explains; raw "
                          "takes it as measured")

@@ -28,10 +28,9 @@ from pipeline.core.errors import TaskfoldError
 from pipeline.core.io import read_json, write_json
 from pipeline.core.text import fmt
 from pipeline.methods import REGISTRY
-from pipeline.shrinkage import shrink
+from pipeline.shrinkage import ESTIMATES, shrink
 
 MAX_COMBINATIONS = 2_000_000
-ESTIMATES = ("shrunk", "raw")
 
 
 class PlanError(TaskfoldError, ValueError):

@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import fmean
 
+# what a plan may trust per task: shrunk estimates, or validation accuracy as measured
+ESTIMATES = ("shrunk", "raw")
+
 
 @dataclass(frozen=True)
 class Shrunk:
