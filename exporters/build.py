@@ -95,36 +95,47 @@ def build_forms(exports: Path, exporter: OnnxExporter, forms: list[str], bundles
                     specs[name] = _build_one(ctx, name, label, bundle, specs)
                     seconds[name]["build"] += time.perf_counter() - t0
                 manifest["methods"][label] = specs
+            manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items()
+                                       if loc != BASE_DATA}
+            checks = _check_forms(ctx, manifest["methods"], thresholds, seconds)
         finally:
             ctx.close()
-        manifest["extra_bases"] = {f"{SHARED}/{loc}": n for loc, n in writer.base_files.items() if loc != BASE_DATA}
-        checks = dict(ctx.checks)
-        for key, check in ctx.checks.items():  # the branch graphs against torch
-            if reason := thresholds.verdict(check, lossy=False):
-                raise CheckFailed(f"{key}: {reason}")
-        for label, specs in manifest["methods"].items():
-            for name, spec in list(specs.items()):
-                if "unavailable" in spec:
-                    continue
-                form = FORMS[name](ctx.options.get(name))
-                t0 = time.perf_counter()
-                found = form.check(ctx, label, spec)
-                seconds[name]["check"] += time.perf_counter() - t0
-                checks |= found
-                failed = {k: r for k, c in found.items() if (r := thresholds.verdict(c, form.lossy))}
-                if failed and not form.lossy:
-                    raise CheckFailed("; ".join(f"{k}: {r}" for k, r in failed.items()) + "; no form was written")
-                if failed:
-                    for f in spec["files"]:
-                        ctx.loader.path(f).unlink(missing_ok=True)
-                    specs[name] = {"unavailable": "failed its check: " + "; ".join(f"{k.split('/')[1]}: {r}"
-                                                                                  for k, r in failed.items())}
-                    log(f"  {label}/{name}: not shipped, {specs[name]['unavailable']}")
-                    continue
-                spec["bytes"] = sum(ctx.loader.path(f).stat().st_size for f in spec["files"])
     write_json(exports / "forms.json", manifest)
     rounded = {n: {k: round(v, 2) for k, v in s.items()} for n, s in seconds.items()}
     return {"forms": manifest, "checks": checks, "seconds": rounded}
+
+
+def _check_forms(ctx: BuildContext, methods: dict, thresholds: Thresholds, seconds: dict) -> dict:
+    """Every built form against its reference, once the conversions it left to the worker
+    processes are done (their seconds, summed over the workers, count as its build time: they
+    overlap the other forms' builds). An exact form that fails is an error; a lossy one that
+    fails is not shipped. Returns the checks."""
+    checks = dict(ctx.checks)
+    for key, check in ctx.checks.items():  # the branch graphs against torch
+        if reason := thresholds.verdict(check, lossy=False):
+            raise CheckFailed(f"{key}: {reason}")
+    for label, specs in methods.items():
+        for name, spec in list(specs.items()):
+            if "unavailable" in spec:
+                continue
+            form = FORMS[name](ctx.options.get(name))
+            seconds[name]["build"] += ctx.wait((label, name))
+            t0 = time.perf_counter()
+            found = form.check(ctx, label, spec)
+            seconds[name]["check"] += time.perf_counter() - t0
+            checks |= found
+            failed = {k: r for k, c in found.items() if (r := thresholds.verdict(c, form.lossy))}
+            if failed and not form.lossy:
+                raise CheckFailed("; ".join(f"{k}: {r}" for k, r in failed.items()) + "; no form was written")
+            if failed:
+                for f in spec["files"]:
+                    ctx.loader.path(f).unlink(missing_ok=True)
+                specs[name] = {"unavailable": "failed its check: " + "; ".join(f"{k.split('/')[1]}: {r}"
+                                                                              for k, r in failed.items())}
+                ctx.log(f"  {label}/{name}: not shipped, {specs[name]['unavailable']}")
+                continue
+            spec["bytes"] = sum(ctx.loader.path(f).stat().st_size for f in spec["files"])
+    return checks
 
 
 def _build_one(ctx: BuildContext, name: str, label: str, bundle, built: dict) -> dict:

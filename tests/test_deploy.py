@@ -165,9 +165,10 @@ def test_edge_variants_run_and_stay_close(tmp_path, graphs):
 
 
 def test_edge_variants_made_in_worker_processes_equal_those_made_here(tmp_path, graphs):
-    """The export builds INT8 and FP16 variants two at a time in spawned processes: the files
-    must be the bytes one process writes, metadata included, and a worker's error must reach
-    the caller with its message."""
+    """The export builds INT8 and FP16 variants two at a time in spawned processes, in the
+    background while it builds other forms (``submit``, collected by ``wait``): the files must be
+    the bytes one process writes, metadata included, and a worker's error must reach the caller
+    with its message when that form is waited for, leaving no file."""
     from exporters.forms.base import BuildContext
     from exporters.forms.edge import fp16_variant, int8_variant
 
@@ -184,13 +185,22 @@ def test_edge_variants_made_in_worker_processes_equal_those_made_here(tmp_path, 
         fp16_variant(src, here / f"{src.stem}.fp16.onnx")
     ctx = BuildContext(tmp_path, None, None, None, {}, workers=2)
     try:
-        ctx.map(int8_variant, srcs, [there / f"{s.stem}.int8.onnx" for s in srcs], [x[:32]] * 2, [Int8Recipe()] * 2)
+        ctx.submit(("m", "int8"), int8_variant, srcs, [there / f"{s.stem}.int8.onnx" for s in srcs], [x[:32]] * 2,
+                   [Int8Recipe()] * 2)
+        ctx.submit(("m", "broken"), fp16_variant, [tmp_path / "missing.onnx"] * 2, [there / "a.onnx", there / "b.onnx"])
         ctx.map(fp16_variant, srcs, [there / f"{s.stem}.fp16.onnx" for s in srcs])
         assert ctx._pool is not None  # it did use processes
+        assert ctx.wait(("m", "int8")) > 0  # the workers' seconds
+        assert ctx.wait(("m", "never submitted")) == 0
         with pytest.raises(Exception, match="missing.onnx"):
-            ctx.map(fp16_variant, [tmp_path / "missing.onnx"] * 2, [there / "a.onnx", there / "b.onnx"])
+            ctx.wait(("m", "broken"))
+        ctx.submit(("n", "int8"), int8_variant, srcs, [tmp_path / f"{s.stem}.dropped.onnx" for s in srcs],
+                   [x[:32]] * 2, [Int8Recipe()] * 2)
     finally:
-        ctx.close()
+        ctx.close()  # not waited for: dropped or finished whole, and close does not raise
+    for src in srcs:
+        dropped = tmp_path / f"{src.stem}.dropped.onnx"
+        assert not dropped.exists() or dropped.read_bytes() == (here / f"{src.stem}.int8.onnx").read_bytes()
     for f in sorted(here.iterdir()):
         assert (there / f.name).read_bytes() == f.read_bytes(), f.name
     assert read_metadata_task(there / "norms_only.int8.onnx") == "norms_only"

@@ -16,7 +16,8 @@ for K tasks. Each is one module with:
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -51,6 +52,7 @@ class BuildContext:
     forms: dict[str, type] = field(default_factory=dict)  # the registry, for forms checked against another form
     workers: int = 1  # processes for conversions that are independent per task (INT8, FP16)
     _pool: ProcessPoolExecutor | None = None
+    _background: dict[tuple[str, str], list[Future | float]] = field(default_factory=dict)  # (label, form) -> jobs
     _bases: dict[str, onnx.ModelProto] = field(default_factory=dict)
     _logits: dict[tuple[str, str, bool], np.ndarray] = field(default_factory=dict)
 
@@ -80,11 +82,35 @@ class BuildContext:
         about half the time. ``fn`` must be a module-level function."""
         if self.workers <= 1 or len(args[0]) <= 1:
             return [fn(*a) for a in zip(*args)]
+        return list(self._processes().map(fn, *args))
+
+    def submit(self, key: tuple[str, str], fn: Callable, *args: list) -> None:
+        """``map`` without waiting: the conversions of form ``key`` = (label, form) run in the worker
+        processes while this one builds the other forms (much of which is single-threaded Python:
+        tracing, graph rewriting), and ``wait(key)`` collects them before that form is checked.
+        With one worker they run here, now."""
+        if self.workers <= 1 or len(args[0]) <= 1:
+            t0 = time.perf_counter()
+            self.map(fn, *args)
+            self._background.setdefault(key, []).append(time.perf_counter() - t0)
+            return
+        pool = self._processes()
+        self._background.setdefault(key, []).extend(pool.submit(_timed, fn, *a) for a in zip(*args))
+
+    def wait(self, key: tuple[str, str]) -> float:
+        """Until form ``key``'s conversions are done (the first one's error, if one failed); the
+        seconds they took, summed over the processes that ran them."""
+        return sum(job if isinstance(job, float) else job.result() for job in self._background.pop(key, []))
+
+    def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return list(self._pool.map(fn, *args))
+        return self._pool
 
     def close(self) -> None:
+        """Stop the worker processes: conversions not started are dropped, running ones finish
+        (each writes its file whole or not at all)."""
+        self._background.clear()
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
@@ -104,6 +130,13 @@ class BuildContext:
             if added:
                 self.log(f"  {bundle.root.name}: a base of its own, {added:,} bytes not in base.data, shared by its tasks")
         return self._bases[sha]
+
+
+def _timed(fn: Callable, *args) -> float:
+    """Run ``fn`` (in a worker process); the seconds it took."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 def copy_graph(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -35,7 +35,8 @@ def int8_variant(src, dst, calibration, recipe: Int8Recipe) -> None:
 
 class MergedVariant(Form):
     """A file per task, ``<label>/<task>.<name>.onnx``, made from the task's merged model by the
-    module-level function ``make(src, dst, *extra)`` in the build's worker processes."""
+    module-level function ``make(src, dst, *extra)`` in the build's worker processes, while the
+    build goes on with other forms (``BuildContext.submit``)."""
     lossy = True
     make: staticmethod
 
@@ -45,7 +46,7 @@ class MergedVariant(Form):
 
     def build(self, ctx: BuildContext, label: str, bundle) -> dict:
         files = {t: f"{label}/{t}.{self.name}.onnx" for t in bundle.tasks}
-        ctx.map(self.make, [ctx.exports / label / f"{t}.onnx" for t in files],
+        ctx.submit((label, self.name), self.make, [ctx.exports / label / f"{t}.onnx" for t in files],
                 [ctx.exports / f for f in files.values()], *self.extra(ctx, list(files)))
         return sessions_spec(files, shared=False)
 
