@@ -52,7 +52,7 @@ class BuildContext:
     forms: dict[str, type] = field(default_factory=dict)  # the registry, for forms checked against another form
     workers: int = 1  # processes for conversions that are independent per task (INT8, FP16)
     _pool: ProcessPoolExecutor | None = None
-    _background: dict[tuple[str, str], list[Future | float]] = field(default_factory=dict)  # (label, form) -> jobs
+    _background: dict[tuple[str, str], list[Future]] = field(default_factory=dict)  # (label, form) -> conversions
     _bases: dict[str, onnx.ModelProto] = field(default_factory=dict)
     _logits: dict[tuple[str, str, bool], np.ndarray] = field(default_factory=dict)
 
@@ -80,7 +80,7 @@ class BuildContext:
         build, spawned: the parent's thread pools do not survive a fork). Quantising a model is
         mostly single-threaded Python (onnxruntime's quantiser), so on 2 cores two at a time take
         about half the time. ``fn`` must be a module-level function."""
-        if self.workers <= 1 or len(args[0]) <= 1:
+        if self._here(args):
             return [fn(*a) for a in zip(*args)]
         return list(self._processes().map(fn, *args))
 
@@ -89,18 +89,24 @@ class BuildContext:
         processes while this one builds the other forms (much of which is single-threaded Python:
         tracing, graph rewriting), and ``wait(key)`` collects them before that form is checked.
         With one worker they run here, now."""
-        if self.workers <= 1 or len(args[0]) <= 1:
-            t0 = time.perf_counter()
-            self.map(fn, *args)
-            self._background.setdefault(key, []).append(time.perf_counter() - t0)
+        jobs = self._background.setdefault(key, [])
+        if self._here(args):
+            for a in zip(*args):
+                done = Future()
+                done.set_result(_timed(fn, *a))  # an error is raised here, as from ``map``
+                jobs.append(done)
             return
         pool = self._processes()
-        self._background.setdefault(key, []).extend(pool.submit(_timed, fn, *a) for a in zip(*args))
+        jobs.extend(pool.submit(_timed, fn, *a) for a in zip(*args))
 
     def wait(self, key: tuple[str, str]) -> float:
         """Until form ``key``'s conversions are done (the first one's error, if one failed); the
         seconds they took, summed over the processes that ran them."""
-        return sum(job if isinstance(job, float) else job.result() for job in self._background.pop(key, []))
+        return sum(job.result() for job in self._background.pop(key, []))
+
+    def _here(self, args: tuple[list, ...]) -> bool:
+        """Run in this process: one worker, or one call (a process would only cost its start)."""
+        return self.workers <= 1 or len(args[0]) <= 1
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:
